@@ -1,0 +1,168 @@
+//! The job spec: what a job file says, after parsing and pure validation.
+//!
+//! These types are the in-memory form of the job TOML of `shared/contract.md`. Parsing
+//! (`crate::parse`) fills defaults, so every field here has its final value.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::secret::Secret;
+
+/// A whole job: one source, one target, the tables between them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSpec {
+    /// `[a-z0-9_-]{1,48}`; names the slot, the publication and the progress rows.
+    pub name: String,
+    /// The file the spec was read from, when it came from a file.
+    pub path: Option<PathBuf>,
+    pub source: SourceSpec,
+    pub target: TargetSpec,
+    /// `[[table]]` entries, in file order. Empty: every table matched by
+    /// `source.tables` maps by name.
+    pub tables: Vec<TableSpec>,
+    pub snapshot: SnapshotSpec,
+    pub verify: VerifySpec,
+    pub ready: ReadySpec,
+    pub changelog: ChangelogSpec,
+    pub api: ApiSpec,
+    /// Where the job keeps local state (`data_dir`, default `./cutover-data`).
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceSpec {
+    pub conn: ConnSpec,
+    /// Table patterns (`schema.table`, `*` allowed in either part) used when no
+    /// `[[table]]` is given. Default `["public.*"]`.
+    pub tables: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TargetSpec {
+    pub conn: ConnSpec,
+    /// Default target schema for tables mapped by name. `None`: the source's schema.
+    pub schema: Option<String>,
+}
+
+/// How to reach one database. The URL may hold a password; it is never
+/// printed: use [`ConnSpec::endpoint`] for messages.
+#[derive(Clone, PartialEq)]
+pub struct ConnSpec {
+    /// libpq URL or key=value conninfo, as written (possibly with a password).
+    pub url: Secret,
+    /// Name of an environment variable holding the password.
+    pub password_env: Option<String>,
+}
+
+/// One `[[table]]` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableSpec {
+    /// `schema.table` or `table` (schema `public`), as written.
+    pub source: String,
+    /// `schema.table` or `table`; `None`: same name, in `target.schema` if set.
+    pub target: Option<String>,
+    /// Target column = SQL expression over source columns. Empty: map by name.
+    pub columns: BTreeMap<String, String>,
+    /// Optional row filter over source columns.
+    pub filter: Option<String>,
+    /// The line of the `[[table]]` header in the job file (for messages).
+    pub line: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotMode {
+    /// Copy every table, then stream.
+    Initial,
+    /// Stream only.
+    Never,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotSpec {
+    pub mode: SnapshotMode,
+    /// Tables (or table ranges) copied at once. Default 4.
+    pub parallelism: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifySpec {
+    /// Full passes every this long; zero turns them off. Default 10m.
+    pub every: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReadySpec {
+    /// Default 5s.
+    pub max_lag: Duration,
+    /// Default 30m.
+    pub max_verify_age: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangelogSpec {
+    /// Default `<data_dir>/<name>/log`.
+    pub dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiSpec {
+    /// Default 127.0.0.1:7432.
+    pub listen: SocketAddr,
+    /// Environment variable holding the bearer token, if any.
+    pub token_env: Option<String>,
+}
+
+/// Connection settings resolved from a [`ConnSpec`]: everything a client needs.
+#[derive(Clone, PartialEq)]
+pub struct ConnParams {
+    /// Host name, IP address, or a unix socket directory (starts with `/`).
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub dbname: String,
+    pub password: Option<Secret>,
+    pub sslmode: SslMode,
+    /// libpq `options` (e.g. `-c search_path=...`), if given in the URL.
+    pub options: Option<String>,
+    pub connect_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+impl ConnParams {
+    /// `host:port/dbname` (or `socketdir:port/dbname`), safe to print.
+    pub fn endpoint(&self) -> String {
+        format!("{}:{}/{}", self.host, self.port, self.dbname)
+    }
+}
+
+impl std::fmt::Debug for ConnParams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnParams")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.user)
+            .field("dbname", &self.dbname)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("sslmode", &self.sslmode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for ConnSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnSpec")
+            .field("url", &"***")
+            .field("password_env", &self.password_env)
+            .finish()
+    }
+}

@@ -1,0 +1,9 @@
+//! Everything in cutover that talks to a system: the PostgreSQL source (provisioning,
+//! the initial snapshot, the pgoutput stream) and the PostgreSQL apply.
+
+pub mod ident;
+pub mod lsn;
+pub mod pg_source;
+
+pub use ident::{TableName, quote_ident, quote_literal};
+pub use lsn::Lsn;

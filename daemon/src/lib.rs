@@ -1,0 +1,3 @@
+//! The `cutover` daemon: CLI, supervisor, HTTP API.
+
+pub mod cluster;

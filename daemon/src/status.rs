@@ -1,0 +1,107 @@
+//! The job's observable state: what `cutover status` prints and `GET /v1/status` serves.
+//!
+//! The field names under "Fields that scripts read" in `shared/contract.md` are stable.
+
+use std::sync::{Arc, RwLock};
+
+use serde::Serialize;
+
+/// The phase of a job, as the contract names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Provisioning or copying the initial snapshot.
+    Snapshot,
+    /// Applying the stream.
+    Streaming,
+    /// Stopped cleanly.
+    Stopped,
+    /// Stopped by an error that needs an operator.
+    Failed,
+}
+
+/// Snapshot progress of one table.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TableStatus {
+    /// `schema.table` on the source.
+    pub source: String,
+    /// `schema.table` on the target.
+    pub target: String,
+    pub rows_copied: u64,
+    pub bytes_copied: u64,
+    pub snapshot_done: bool,
+}
+
+/// The last verification pass (issue 5 fills it; `null` until then).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct VerificationSummary {
+    pub finished_at: String,
+    pub lsn: Option<String>,
+    pub tables_equal: bool,
+    pub differences: u64,
+}
+
+/// The whole status document.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct JobStatus {
+    pub job: String,
+    pub phase: Phase,
+    /// The source's current WAL position (`pg_current_wal_lsn()`), as last polled.
+    pub source_lsn: Option<String>,
+    /// The end LSN of the last source transaction committed on the target.
+    pub applied_lsn: Option<String>,
+    pub lag_bytes: Option<u64>,
+    pub lag_seconds: Option<f64>,
+    pub tables: Vec<TableStatus>,
+    pub last_verification: Option<VerificationSummary>,
+    /// Source transactions applied since the daemon started.
+    pub applied_transactions: u64,
+    /// Row changes applied since the daemon started.
+    pub applied_rows: u64,
+    /// The slot's retained WAL in bytes (`pg_current_wal_lsn() - restart_lsn`).
+    pub slot_retained_bytes: Option<u64>,
+    /// The error that stopped the job, or the incident being retried.
+    pub error: Option<String>,
+    /// When the status was last refreshed (RFC 3339, UTC).
+    pub updated_at: String,
+}
+
+impl JobStatus {
+    pub fn new(job: &str) -> Self {
+        Self {
+            job: job.to_string(),
+            phase: Phase::Snapshot,
+            source_lsn: None,
+            applied_lsn: None,
+            lag_bytes: None,
+            lag_seconds: None,
+            tables: Vec::new(),
+            last_verification: None,
+            applied_transactions: 0,
+            applied_rows: 0,
+            slot_retained_bytes: None,
+            error: None,
+            updated_at: String::new(),
+        }
+    }
+}
+
+/// Shared, cheaply cloned handle on the live status. Writers hold the lock only to copy
+/// values in; never across an `.await`.
+#[derive(Clone)]
+pub struct StatusHandle(Arc<RwLock<JobStatus>>);
+
+impl StatusHandle {
+    pub fn new(status: JobStatus) -> Self {
+        Self(Arc::new(RwLock::new(status)))
+    }
+
+    pub fn snapshot(&self) -> JobStatus {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn update(&self, f: impl FnOnce(&mut JobStatus)) {
+        let mut guard = self.0.write().unwrap_or_else(|e| e.into_inner());
+        f(&mut guard);
+    }
+}

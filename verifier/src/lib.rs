@@ -1,0 +1,1 @@
+//! Row-level blake3 reconciliation of source and target (issue 5).
