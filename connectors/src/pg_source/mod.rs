@@ -1,4 +1,6 @@
-//! The PostgreSQL source: provisioning (publication and slot), the initial snapshot,
-//! and the pgoutput stream.
+//! The PostgreSQL source: provisioning (publication and slot), the replication stream,
+//! and the pgoutput decoder.
 
+pub mod client;
 pub mod decode;
+pub mod provision;

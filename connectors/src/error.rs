@@ -1,0 +1,135 @@
+//! Errors of the connectors, classified by what the supervisor should do about them.
+//!
+//! Materialize splits source errors into transient (retry) and definite (stop and tell
+//! the operator); supabase/etl maps error kinds to retry directives. We do the same with
+//! [`ErrorClass`]: the daemon retries [`ErrorClass::Transient`] errors with backoff and
+//! stops with the message and hint for the others.
+
+use std::fmt;
+
+/// What the supervisor does with an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// A lost connection, a restarting server: retry with backoff.
+    Transient,
+    /// The job cannot go on until an operator acts (a lost slot, a missing table).
+    NeedsOperator,
+}
+
+/// An error in PostgreSQL's style: a lowercase primary, an optional detail and hint.
+#[derive(Debug)]
+pub struct Error {
+    pub class: ErrorClass,
+    pub primary: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub fn transient(primary: impl Into<String>) -> Self {
+        Self { class: ErrorClass::Transient, primary: primary.into(), detail: None, hint: None, source: None }
+    }
+
+    pub fn operator(primary: impl Into<String>) -> Self {
+        Self { class: ErrorClass::NeedsOperator, primary: primary.into(), detail: None, hint: None, source: None }
+    }
+
+    pub fn detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    pub fn is_transient(&self) -> bool {
+        self.class == ErrorClass::Transient
+    }
+
+    /// Wrap a database error from `endpoint` while doing `what` (a verb phrase such as
+    /// "create the publication"). Connection-level failures are transient; SQL errors the
+    /// server reports need an operator unless their SQLSTATE says the server is going away.
+    pub fn from_pg(what: &str, endpoint: &str, err: &tokio_postgres::Error) -> Self {
+        let transient = is_transient_pg(err);
+        let (primary, detail, hint) = match err.as_db_error() {
+            Some(db) => (
+                format!("could not {what} on {endpoint}: {}", db.message()),
+                db.detail().map(str::to_string),
+                db.hint().map(str::to_string),
+            ),
+            None => (format!("could not {what} on {endpoint}: {}", pg_cause(err)), None, None),
+        };
+        Self {
+            class: if transient { ErrorClass::Transient } else { ErrorClass::NeedsOperator },
+            primary,
+            detail,
+            hint,
+            source: None,
+        }
+    }
+}
+
+/// The innermost readable cause of a client error (`connection refused`, `password
+/// authentication failed ...`). tokio-postgres never puts the password in its errors.
+pub fn pg_cause(err: &tokio_postgres::Error) -> String {
+    if let Some(db) = err.as_db_error() {
+        return db.message().to_string();
+    }
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(s) = source {
+        text = s.to_string();
+        source = s.source();
+    }
+    text.to_lowercase()
+}
+
+/// Whether a tokio-postgres error means "try again later": the connection broke, or the
+/// server is shutting down, starting up or out of connections.
+pub fn is_transient_pg(err: &tokio_postgres::Error) -> bool {
+    if err.is_closed() {
+        return true;
+    }
+    match err.code() {
+        Some(code) => {
+            let c = code.code();
+            // 08: connection exception; 57P01-57P03: admin shutdown, crash shutdown,
+            // cannot connect now; 53300: too many connections; 40001/40P01: serialization
+            // failure and deadlock (the transaction can simply be retried).
+            c.starts_with("08")
+                || matches!(c, "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01")
+        }
+        // No SQLSTATE: an I/O error or a protocol-level failure.
+        None => err.as_db_error().is_none(),
+    }
+}
+
+impl fmt::Display for Error {
+    /// One line: `primary; detail: ...; hint: ...`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.primary)?;
+        if let Some(d) = &self.detail {
+            write!(f, "; detail: {d}")?;
+        }
+        if let Some(h) = &self.hint {
+            write!(f, "; hint: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_deref().map(|s| s as &(dyn std::error::Error + 'static))
+    }
+}

@@ -1,0 +1,164 @@
+//! The initial copy: one table (or one page range of a large table) streamed from the
+//! source's exported snapshot into the target with COPY, byte for byte.
+//!
+//! The rows are never decoded: the source's `COPY ... TO STDOUT` messages go straight into
+//! the target's `COPY ... FROM STDIN`. Binary format is used when every column has the
+//! same built-in type on both sides (binary forms of user types embed OIDs that differ
+//! between clusters), text otherwise. Large tables are split into ranges of pages
+//! (`ctid` ranges, which PostgreSQL 14+ scans directly) and copied in parallel.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_postgres::Client;
+
+use super::plan::TablePlan;
+use super::state::MARK_DONE_SQL;
+use crate::error::{Error, Result};
+use crate::ident::quote_literal;
+
+/// A range of heap pages `[lower, upper)`; `None` bounds are open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CopyChunk {
+    pub lower_page: Option<u64>,
+    pub upper_page: Option<u64>,
+}
+
+impl CopyChunk {
+    pub const WHOLE: CopyChunk = CopyChunk { lower_page: None, upper_page: None };
+
+    fn predicate(&self) -> Option<String> {
+        let mut parts = Vec::new();
+        if let Some(l) = self.lower_page {
+            parts.push(format!("ctid >= '({l},0)'::pg_catalog.tid"));
+        }
+        if let Some(u) = self.upper_page {
+            parts.push(format!("ctid < '({u},0)'::pg_catalog.tid"));
+        }
+        (!parts.is_empty()).then(|| parts.join(" AND "))
+    }
+}
+
+/// Pages per chunk below which a table is copied whole (about 128 MB).
+const MIN_CHUNK_PAGES: u64 = 16_384;
+
+/// Split a table of `pages` pages into at most `parallelism` ranges of at least
+/// [`MIN_CHUNK_PAGES`]. The last range is open-ended, so pages added after the size was
+/// read are still copied (the snapshot decides which rows are visible).
+pub fn plan_chunks(relkind: char, pages: u64, parallelism: usize) -> Vec<CopyChunk> {
+    let parallelism = parallelism.max(1) as u64;
+    if relkind != 'r' || pages < 2 * MIN_CHUNK_PAGES || parallelism == 1 {
+        return vec![CopyChunk::WHOLE];
+    }
+    let n = (pages / MIN_CHUNK_PAGES).clamp(1, parallelism);
+    let step = pages.div_ceil(n);
+    (0..n)
+        .map(|i| CopyChunk {
+            lower_page: (i > 0).then_some(i * step),
+            upper_page: (i + 1 < n).then_some((i + 1) * step),
+        })
+        .collect()
+}
+
+/// Empty the target table before its copy starts (again).
+pub async fn truncate_target(target: &Client, plan: &TablePlan) -> Result<()> {
+    target
+        .batch_execute(&format!("TRUNCATE {}", plan.target_name().quoted()))
+        .await
+        .map_err(|e| Error::from_pg(&format!("truncate {}", plan.target_name()), "the target", &e))
+}
+
+/// Copy one chunk of `plan`'s table from the snapshot `snapshot_name` into the target, and
+/// count it in `cutover.tables` in the same target transaction. `bytes` is advanced as
+/// data flows. Returns the rows copied.
+pub async fn copy_chunk(
+    source: &mut Client,
+    snapshot_name: &str,
+    target: &mut Client,
+    plan: &TablePlan,
+    chunk: CopyChunk,
+    job: &str,
+    bytes: &AtomicU64,
+) -> Result<u64> {
+    let src_err = |e: tokio_postgres::Error| {
+        Error::from_pg(&format!("copy {} out", plan.source_name()), "the source", &e)
+    };
+    let tgt_err = |e: tokio_postgres::Error| {
+        Error::from_pg(&format!("copy into {}", plan.target_name()), "the target", &e)
+    };
+    let format = if plan.binary_copy { "binary" } else { "text" };
+    let only = if plan.source.relkind == 'r' { "ONLY " } else { "" };
+    let filter = chunk.predicate().map(|p| format!(" WHERE {p}")).unwrap_or_default();
+    let out_sql = format!(
+        "COPY (SELECT {} FROM {only}{}{filter}) TO STDOUT (FORMAT {format})",
+        plan.source_column_list(),
+        plan.source_name().quoted()
+    );
+    let in_sql = format!(
+        "COPY {} ({}) FROM STDIN (FORMAT {format})",
+        plan.target_name().quoted(),
+        plan.target_column_list()
+    );
+
+    let src_tx = source.transaction().await.map_err(src_err)?;
+    src_tx
+        .batch_execute(&format!(
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            quote_literal(snapshot_name)
+        ))
+        .await
+        .map_err(src_err)?;
+    let tgt_tx = target.transaction().await.map_err(tgt_err)?;
+
+    let out = src_tx.copy_out(&out_sql).await.map_err(src_err)?;
+    let sink = tgt_tx.copy_in::<_, bytes::Bytes>(&in_sql).await.map_err(tgt_err)?;
+    futures_util::pin_mut!(out);
+    futures_util::pin_mut!(sink);
+    while let Some(chunk) = out.next().await {
+        let chunk = chunk.map_err(src_err)?;
+        bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        sink.feed(chunk).await.map_err(tgt_err)?;
+    }
+    let rows = sink.as_mut().finish().await.map_err(tgt_err)?;
+    src_tx.commit().await.map_err(src_err)?;
+    let source_table = plan.source_name().to_string();
+    tgt_tx
+        .execute(MARK_DONE_SQL, &[&job, &source_table, &(rows as i64), &false])
+        .await
+        .map_err(tgt_err)?;
+    tgt_tx.commit().await.map_err(tgt_err)?;
+    Ok(rows)
+}
+
+/// Mark the copy of `plan`'s table finished.
+pub async fn mark_done(target: &Client, plan: &TablePlan, job: &str) -> Result<()> {
+    let source_table = plan.source_name().to_string();
+    target
+        .execute(MARK_DONE_SQL, &[&job, &source_table, &0i64, &true])
+        .await
+        .map_err(|e| Error::from_pg("write cutover.tables", "the target", &e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_tables_are_copied_whole() {
+        assert_eq!(plan_chunks('r', 100, 4), vec![CopyChunk::WHOLE]);
+        assert_eq!(plan_chunks('p', 1_000_000, 4), vec![CopyChunk::WHOLE]);
+        assert_eq!(plan_chunks('r', 1_000_000, 1), vec![CopyChunk::WHOLE]);
+    }
+
+    #[test]
+    fn large_tables_split_into_contiguous_ranges() {
+        let chunks = plan_chunks('r', 100_000, 4);
+        assert_eq!(chunks.len(), 4);
+        assert_eq!(chunks[0].lower_page, None);
+        assert_eq!(chunks[3].upper_page, None);
+        for w in chunks.windows(2) {
+            assert_eq!(w[0].upper_page, w[1].lower_page);
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! The PostgreSQL apply: the initial copy into the target, and the stream applied
+//! exactly once.
+//!
+//! Exactly-once rests on one rule: every target transaction that applies source changes
+//! also writes, in the same transaction, the commit LSN of the last source transaction
+//! it holds (`cutover.progress`). After any crash the target says how far it got, and a
+//! source transaction whose commit LSN is not above that is skipped whole. The slot is
+//! told only what a committed target transaction holds, so nothing the target lacks is
+//! ever released by the source.
+
+mod apply;
+mod copy;
+mod plan;
+mod state;
+
+pub use apply::{Applier, ApplyStats, GroupLimits};
+pub use copy::{CopyChunk, copy_chunk, mark_done, plan_chunks, truncate_target};
+pub use plan::{ColumnMap, TablePlan};
+pub use state::{Progress, TableState, ensure_state_schema, mark_table_started, read_progress, read_table_states};

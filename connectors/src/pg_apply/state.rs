@@ -1,0 +1,138 @@
+//! The apply's own bookkeeping on the target, in schema `cutover`.
+//!
+//! `cutover.progress` holds, per job, the last source transaction the target holds; it
+//! is written in the same target transaction as the changes. `cutover.tables` holds the
+//! snapshot state of each table: the LSN of the snapshot its copy was taken at, and
+//! whether the copy finished. A change to a table is applied only when its transaction
+//! committed at or after that LSN, so a table copied later (after a restart) never sees
+//! a change twice.
+
+use std::collections::HashMap;
+
+use tokio_postgres::Client;
+
+use crate::error::{Error, Result};
+use crate::lsn::Lsn;
+
+/// How far the target got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Progress {
+    /// Commit LSN of the last source transaction applied.
+    pub commit_lsn: Lsn,
+    /// End LSN of its commit record: what the slot may be confirmed to.
+    pub end_lsn: Lsn,
+}
+
+/// The snapshot state of one table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableState {
+    /// Changes to the table committed before this LSN are in the copy.
+    pub snapshot_lsn: Lsn,
+    pub rows_copied: u64,
+    pub done: bool,
+}
+
+const SCHEMA_SQL: &str = "
+CREATE SCHEMA IF NOT EXISTS cutover;
+CREATE TABLE IF NOT EXISTS cutover.progress (
+    job text PRIMARY KEY,
+    commit_lsn pg_lsn NOT NULL,
+    end_lsn pg_lsn NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS cutover.tables (
+    job text NOT NULL,
+    source_table text NOT NULL,
+    target_table text NOT NULL,
+    snapshot_lsn pg_lsn NOT NULL,
+    rows_copied bigint NOT NULL DEFAULT 0,
+    started_at timestamptz NOT NULL DEFAULT now(),
+    done_at timestamptz,
+    PRIMARY KEY (job, source_table)
+);";
+
+fn err(what: &str, e: tokio_postgres::Error) -> Error {
+    Error::from_pg(what, "the target", &e)
+}
+
+/// Create the bookkeeping schema if it is missing.
+pub async fn ensure_state_schema(client: &Client) -> Result<()> {
+    // Two jobs starting at once could race on CREATE ... IF NOT EXISTS; serialize them.
+    client
+        .batch_execute(&format!(
+            "BEGIN; SELECT pg_catalog.pg_advisory_xact_lock(7432001); {SCHEMA_SQL} COMMIT;"
+        ))
+        .await
+        .map_err(|e| {
+            let mut er = err("create schema \"cutover\"", e);
+            if er.hint.is_none() {
+                er.hint = Some("the target user needs CREATE on the target database, or create schema cutover for it".into());
+            }
+            er
+        })
+}
+
+/// The job's progress on the target, if it has applied anything.
+pub async fn read_progress(client: &Client, job: &str) -> Result<Option<Progress>> {
+    let row = client
+        .query_opt(
+            "SELECT commit_lsn::text, end_lsn::text FROM cutover.progress WHERE job = $1",
+            &[&job],
+        )
+        .await
+        .map_err(|e| err("read cutover.progress", e))?;
+    Ok(row.map(|r| Progress {
+        commit_lsn: r.get::<_, String>(0).parse().unwrap_or_default(),
+        end_lsn: r.get::<_, String>(1).parse().unwrap_or_default(),
+    }))
+}
+
+/// Every table's snapshot state, keyed by the source table's display name.
+pub async fn read_table_states(client: &Client, job: &str) -> Result<HashMap<String, TableState>> {
+    let rows = client
+        .query(
+            "SELECT source_table, snapshot_lsn::text, rows_copied, done_at IS NOT NULL \
+             FROM cutover.tables WHERE job = $1",
+            &[&job],
+        )
+        .await
+        .map_err(|e| err("read cutover.tables", e))?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                TableState {
+                    snapshot_lsn: r.get::<_, String>(1).parse().unwrap_or_default(),
+                    rows_copied: r.get::<_, i64>(2).max(0) as u64,
+                    done: r.get(3),
+                },
+            )
+        })
+        .collect())
+}
+
+/// Record that the copy of `source_table` starts at `snapshot_lsn` (not done).
+pub async fn mark_table_started(
+    client: &Client,
+    job: &str,
+    source_table: &str,
+    target_table: &str,
+    snapshot_lsn: Lsn,
+) -> Result<()> {
+    client
+        .execute(
+            "INSERT INTO cutover.tables (job, source_table, target_table, snapshot_lsn) \
+             VALUES ($1, $2, $3, $4::text::pg_lsn) \
+             ON CONFLICT (job, source_table) DO UPDATE SET target_table = EXCLUDED.target_table, \
+               snapshot_lsn = EXCLUDED.snapshot_lsn, rows_copied = 0, started_at = now(), done_at = NULL",
+            &[&job, &source_table, &target_table, &snapshot_lsn.to_string()],
+        )
+        .await
+        .map_err(|e| err("write cutover.tables", e))?;
+    Ok(())
+}
+
+/// SQL that marks a table done with `rows` copied, for use inside the copy's transaction.
+pub(crate) const MARK_DONE_SQL: &str = "UPDATE cutover.tables SET rows_copied = rows_copied + $3, \
+     done_at = CASE WHEN $4 THEN now() ELSE done_at END WHERE job = $1 AND source_table = $2";

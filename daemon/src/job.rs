@@ -1,0 +1,646 @@
+//! One job: provision the source, copy the snapshot, stream and apply, and survive every
+//! restart in between.
+//!
+//! ```text
+//!  source                                   daemon                               target
+//!  publication ─┐
+//!  slot ────────┼─ CREATE_REPLICATION_SLOT ─ exported snapshot ── COPY ... ─────▶ tables (+ cutover.tables)
+//!               └─ START_REPLICATION ─────── decode ─ Applier ── BEGIN..COMMIT ─▶ tables (+ cutover.progress)
+//!                        ▲                                                          │
+//!                        └──────── confirm(end LSN of the last committed group) ◀───┘
+//! ```
+//!
+//! [`run`] is the supervisor: it runs [`run_once`] and, when that fails with a transient
+//! error (a lost connection, a restarting server), waits with backoff and runs it again.
+//! Every `run_once` resumes from what the target holds, so a retry is the same code path
+//! as a restart after `kill -9`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use cutover_config::{ConnParams, JobSpec, SnapshotMode};
+use cutover_connectors::catalog::{self, TableInfo};
+use cutover_connectors::error::{Error, Result};
+use cutover_connectors::pg_apply::{self, Applier, CopyChunk, GroupLimits, TablePlan};
+use cutover_connectors::pg_source::client::{ReplicationSession, StreamEvent};
+use cutover_connectors::pg_source::decode::LogicalMessage;
+use cutover_connectors::pg_source::provision;
+use cutover_connectors::{Lsn, TableName, pg_conn};
+use tokio::sync::watch;
+
+use crate::status::{Phase, StatusHandle, TableStatus};
+
+/// How long `CREATE_REPLICATION_SLOT` may wait for open transactions on the source.
+const SLOT_CREATE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Everything a job needs that is not in its spec.
+#[derive(Clone)]
+pub struct JobContext {
+    pub spec: Arc<JobSpec>,
+    pub source: ConnParams,
+    pub target: ConnParams,
+    pub status: StatusHandle,
+    /// Becomes `true` when the job must stop (SIGINT, SIGTERM).
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl JobContext {
+    fn slot(&self) -> String {
+        provision::object_name(&self.spec.name)
+    }
+
+    fn app_name(&self, role: &str) -> String {
+        format!("cutover/{}/{role}", self.spec.name)
+    }
+
+    fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+}
+
+/// How a `run_once` ended without error.
+enum Ended {
+    /// Shutdown was requested and everything applied is confirmed.
+    Stopped,
+}
+
+/// Run the job until shutdown. Transient errors are retried with backoff (logged once
+/// per incident); an error that needs an operator ends the job.
+pub async fn run(ctx: JobContext) -> Result<()> {
+    let poller = tokio::spawn(poll_source(ctx.clone()));
+    let mut backoff = Duration::from_millis(500);
+    let mut incident: Option<String> = None;
+    let result = loop {
+        let started = Instant::now();
+        match run_once(&ctx).await {
+            Ok(Ended::Stopped) => break Ok(()),
+            Err(e) if e.is_transient() && !ctx.stopping() => {
+                let text = e.to_string();
+                if incident.as_deref() != Some(text.as_str()) {
+                    tracing::warn!(error = %text, "job interrupted; retrying");
+                    incident = Some(text.clone());
+                }
+                ctx.status.update(|s| s.error = Some(text));
+                if started.elapsed() > Duration::from_secs(30) {
+                    backoff = Duration::from_millis(500);
+                }
+                let mut shutdown = ctx.shutdown.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.wait_for(|s| *s) => break Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+            Err(e) if ctx.stopping() && e.is_transient() => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    poller.abort();
+    ctx.status.update(|s| {
+        s.phase = if result.is_ok() { Phase::Stopped } else { Phase::Failed };
+        if let Err(e) = &result {
+            s.error = Some(e.to_string());
+        }
+    });
+    result
+}
+
+/// The tables of the job: explicit `[[table]]` entries, or every source table matched by
+/// `[source] tables`, each with its target name.
+async fn resolve_tables(ctx: &JobContext, source: &tokio_postgres::Client) -> Result<Vec<(TableName, TableName)>> {
+    let spec = &ctx.spec;
+    let target_for = |src: &TableName| {
+        TableName::new(spec.target.schema.clone().unwrap_or_else(|| src.schema.clone()), src.name.clone())
+    };
+    if !spec.tables.is_empty() {
+        let mut out = Vec::new();
+        for t in &spec.tables {
+            let src = TableName::parse(&t.source, "public").ok_or_else(|| {
+                Error::operator(format!("invalid table name \"{}\" in [[table]] source", t.source))
+            })?;
+            let dst = match &t.target {
+                Some(name) => TableName::parse(name, spec.target.schema.as_deref().unwrap_or(&src.schema))
+                    .ok_or_else(|| Error::operator(format!("invalid table name \"{name}\" in [[table]] target")))?,
+                None => target_for(&src),
+            };
+            out.push((src, dst));
+        }
+        return Ok(out);
+    }
+    let all = catalog::list_tables(source).await?;
+    let picked: Vec<_> = all
+        .into_iter()
+        .filter(|t| spec.source.tables.iter().any(|p| catalog::matches_pattern(t, p)))
+        .map(|t| {
+            let dst = target_for(&t);
+            (t, dst)
+        })
+        .collect();
+    if picked.is_empty() {
+        return Err(Error::operator(format!(
+            "no source table matches [source] tables = {:?}",
+            spec.source.tables
+        ))
+        .hint("list the tables with [[table]] entries, or fix the patterns"));
+    }
+    Ok(picked)
+}
+
+/// Build a plan per table from both catalogs.
+async fn plan_tables(
+    ctx: &JobContext,
+    source: &tokio_postgres::Client,
+    target: &tokio_postgres::Client,
+) -> Result<Vec<Arc<TablePlan>>> {
+    let same_database = ctx.source.host == ctx.target.host
+        && ctx.source.port == ctx.target.port
+        && ctx.source.dbname == ctx.target.dbname;
+    let mut plans = Vec::new();
+    for (src, dst) in resolve_tables(ctx, source).await? {
+        if same_database && src == dst {
+            return Err(Error::operator(format!(
+                "table {src} would be copied onto itself: source and target are the same database"
+            ))
+            .hint("set [target] schema, or give the [[table]] a target in another schema"));
+        }
+        let s: TableInfo = catalog::table_info(source, &src).await?.ok_or_else(|| {
+            Error::operator(format!("source table {src} does not exist"))
+                .hint("check the [[table]] source names and the [source] url's database")
+        })?;
+        let t: TableInfo = catalog::table_info(target, &dst).await?.ok_or_else(|| {
+            Error::operator(format!("target table {dst} does not exist"))
+                .hint(format!("create it on the target (for example from pg_dump --schema-only -t {})", src.quoted()))
+        })?;
+        plans.push(Arc::new(TablePlan::by_name(s, t)?));
+    }
+    Ok(plans)
+}
+
+async fn run_once(ctx: &JobContext) -> Result<Ended> {
+    let spec = &ctx.spec;
+    let slot = ctx.slot();
+    let publication = slot.clone();
+    let source = pg_conn::connect(&ctx.source, &ctx.app_name("control")).await?;
+    let target = pg_conn::connect(&ctx.target, &ctx.app_name("control")).await?;
+    let plans = plan_tables(ctx, &source, &target).await?;
+    pg_apply::ensure_state_schema(&target).await?;
+    ctx.status.update(|s| {
+        s.error = None;
+        let old: HashMap<String, TableStatus> = s.tables.drain(..).map(|t| (t.source.clone(), t)).collect();
+        s.tables = plans
+            .iter()
+            .map(|p| {
+                old.get(&p.source_name().to_string()).cloned().unwrap_or(TableStatus {
+                    source: p.source_name().to_string(),
+                    target: p.target_name().to_string(),
+                    rows_copied: 0,
+                    bytes_copied: 0,
+                    snapshot_done: false,
+                })
+            })
+            .collect();
+    });
+
+    // The publication first, then the slot (hard case 14).
+    let source_tables: Vec<TableName> = plans.iter().map(|p| p.source_name().clone()).collect();
+    provision::ensure_publication(&source, &publication, &source_tables).await?;
+
+    let mut snapshot_session = None;
+    match provision::slot_state(&source, &slot).await? {
+        Some(state) => provision::check_slot_usable(&slot, &state, &ctx.source.dbname)?,
+        None => {
+            let (session, created) = create_slot(ctx, &source, &slot, &publication, false).await?;
+            // A new slot starts a new history: whatever an earlier slot of this job left
+            // on the target (progress, finished copies) no longer lines up with it.
+            target
+                .execute("DELETE FROM cutover.progress WHERE job = $1", &[&spec.name])
+                .await
+                .map_err(|e| Error::from_pg("reset cutover.progress", "the target", &e))?;
+            target
+                .execute("DELETE FROM cutover.tables WHERE job = $1", &[&spec.name])
+                .await
+                .map_err(|e| Error::from_pg("reset cutover.tables", "the target", &e))?;
+            tracing::info!(slot = %slot, consistent_point = %created.consistent_point, "created replication slot");
+            snapshot_session = Some((session, created));
+        }
+    }
+
+    // Which tables still need their copy.
+    let states = pg_apply::read_table_states(&target, &spec.name).await?;
+    let mut pending: Vec<Arc<TablePlan>> = Vec::new();
+    let mut snapshot_lsn: HashMap<TableName, Lsn> = HashMap::new();
+    for plan in &plans {
+        match states.get(&plan.source_name().to_string()) {
+            Some(st) if st.done => {
+                snapshot_lsn.insert(plan.source_name().clone(), st.snapshot_lsn);
+                ctx.status.update(|s| {
+                    if let Some(t) = s.tables.iter_mut().find(|t| t.source == plan.source_name().to_string()) {
+                        t.snapshot_done = true;
+                        t.rows_copied = st.rows_copied;
+                    }
+                });
+            }
+            _ => pending.push(plan.clone()),
+        }
+    }
+
+    if !pending.is_empty() {
+        ctx.status.update(|s| s.phase = Phase::Snapshot);
+        let (session, point, snapshot_name) = match snapshot_session.take() {
+            Some((session, created)) => (session, created.consistent_point, created.snapshot_name),
+            None => {
+                // Tables copied after the slot's start (a restart during the copy, or a
+                // table added to the job) use a snapshot of their own, from a temporary
+                // slot; their changes apply from that snapshot's LSN on.
+                let tmp = format!("{}_sync", slot);
+                let (session, created) = create_slot(ctx, &source, &tmp, &publication, true).await?;
+                (session, created.consistent_point, created.snapshot_name)
+            }
+        };
+        if spec.snapshot.mode == SnapshotMode::Never {
+            for plan in &pending {
+                pg_apply::mark_table_started(&target, &spec.name, &plan.source_name().to_string(), &plan.target_name().to_string(), Lsn::ZERO).await?;
+                pg_apply::mark_done(&target, plan, &spec.name).await?;
+                snapshot_lsn.insert(plan.source_name().clone(), Lsn::ZERO);
+            }
+        } else {
+            copy_tables(ctx, &target, &pending, point, &snapshot_name).await?;
+            for plan in &pending {
+                snapshot_lsn.insert(plan.source_name().clone(), point);
+            }
+        }
+        // Ends the exporting session (and drops a temporary slot).
+        drop(session);
+    }
+    drop(snapshot_session);
+    if ctx.stopping() {
+        return Ok(Ended::Stopped);
+    }
+
+    stream(ctx, source, target, plans, snapshot_lsn).await
+}
+
+/// Create a slot (bounded wait), returning the session that exported its snapshot.
+async fn create_slot(
+    ctx: &JobContext,
+    source: &tokio_postgres::Client,
+    slot: &str,
+    publication: &str,
+    temporary: bool,
+) -> Result<(ReplicationSession, cutover_connectors::pg_source::client::CreatedSlot)> {
+    let app = ctx.app_name(if temporary { "sync" } else { "slot" });
+    let mut session = ReplicationSession::connect(&ctx.source, slot, publication, Lsn::ZERO, &app).await?;
+    match tokio::time::timeout(SLOT_CREATE_TIMEOUT, session.create_slot(slot, temporary)).await {
+        Ok(created) => Ok((session, created?)),
+        Err(_) => {
+            let blockers = provision::blocking_backends(source, &app).await.unwrap_or_default();
+            drop(session);
+            provision::cancel_slot_creation(source, &app, slot).await?;
+            Err(Error::operator(format!(
+                "could not create replication slot \"{slot}\": open transactions on the source kept it waiting for {}s",
+                SLOT_CREATE_TIMEOUT.as_secs()
+            ))
+            .detail(if blockers.is_empty() {
+                "no blocking backend was found any more".to_string()
+            } else {
+                format!("waiting for {}", blockers.join("; "))
+            })
+            .hint("end those transactions (or wait for them) and run the job again; no slot was left behind"))
+        }
+    }
+}
+
+/// Copy `pending` tables from `snapshot_name` (consistent at `point`), `parallelism`
+/// chunks at a time.
+async fn copy_tables(
+    ctx: &JobContext,
+    target: &tokio_postgres::Client,
+    pending: &[Arc<TablePlan>],
+    point: Lsn,
+    snapshot_name: &str,
+) -> Result<()> {
+    let spec = &ctx.spec;
+    let parallelism = spec.snapshot.parallelism.max(1);
+    let mut work: Vec<(Arc<TablePlan>, CopyChunk)> = Vec::new();
+    let mut remaining: HashMap<TableName, usize> = HashMap::new();
+    for plan in pending {
+        pg_apply::mark_table_started(target, &spec.name, &plan.source_name().to_string(), &plan.target_name().to_string(), point).await?;
+        pg_apply::truncate_target(target, plan).await?;
+        let pages = plan.source.pages.max(0) as u64;
+        let chunks = pg_apply::plan_chunks(plan.source.relkind, pages, parallelism);
+        remaining.insert(plan.source_name().clone(), chunks.len());
+        work.extend(chunks.into_iter().map(|c| (plan.clone(), c)));
+        ctx.status.update(|s| {
+            if let Some(t) = s.tables.iter_mut().find(|t| t.source == plan.source_name().to_string()) {
+                t.rows_copied = 0;
+                t.bytes_copied = 0;
+                t.snapshot_done = false;
+            }
+        });
+    }
+    // Biggest first, so the long pole starts early.
+    work.reverse();
+    let queue = Arc::new(tokio::sync::Mutex::new(work));
+    let remaining = Arc::new(tokio::sync::Mutex::new(remaining));
+    let bytes: Arc<HashMap<TableName, AtomicU64>> =
+        Arc::new(pending.iter().map(|p| (p.source_name().clone(), AtomicU64::new(0))).collect());
+    let progress = spawn_copy_progress(ctx.clone(), bytes.clone());
+    let mut workers = Vec::new();
+    for i in 0..parallelism {
+        let ctx = ctx.clone();
+        let queue = queue.clone();
+        let remaining = remaining.clone();
+        let bytes = bytes.clone();
+        let snapshot_name = snapshot_name.to_string();
+        workers.push(tokio::spawn(async move {
+            let app = ctx.app_name(&format!("copy-{i}"));
+            let mut src: Option<tokio_postgres::Client> = None;
+            let mut dst: Option<tokio_postgres::Client> = None;
+            loop {
+                let Some((plan, chunk)) = queue.lock().await.pop() else { return Ok::<(), Error>(()) };
+                if ctx.stopping() {
+                    return Ok(());
+                }
+                if src.is_none() {
+                    src = Some(pg_conn::connect(&ctx.source, &app).await?);
+                }
+                if dst.is_none() {
+                    let c = pg_conn::connect(&ctx.target, &app).await?;
+                    prepare_target_session(&c).await;
+                    dst = Some(c);
+                }
+                let (Some(s), Some(d)) = (src.as_mut(), dst.as_mut()) else { continue };
+                let counter = &bytes[plan.source_name()];
+                let rows = pg_apply::copy_chunk(s, &snapshot_name, d, &plan, chunk, &ctx.spec.name, counter).await?;
+                metrics::counter!(crate::metrics::SNAPSHOT_ROWS_TOTAL).increment(rows);
+                let name = plan.source_name().to_string();
+                let finished = {
+                    let mut r = remaining.lock().await;
+                    let n = r.entry(plan.source_name().clone()).or_insert(1);
+                    *n -= 1;
+                    *n == 0
+                };
+                if finished {
+                    pg_apply::mark_done(d, &plan, &ctx.spec.name).await?;
+                    tracing::info!(table = %name, "snapshot copy done");
+                }
+                ctx.status.update(|s| {
+                    if let Some(t) = s.tables.iter_mut().find(|t| t.source == name) {
+                        t.rows_copied += rows;
+                        t.snapshot_done |= finished;
+                    }
+                });
+            }
+        }));
+    }
+    let mut first_error = None;
+    for w in workers {
+        match w.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+            }
+            Err(join) => {
+                first_error.get_or_insert(Error::transient(format!("copy worker failed: {join}")));
+            }
+        }
+    }
+    progress.abort();
+    match first_error {
+        Some(e) => Err(e),
+        None if ctx.stopping() => Err(Error::transient("stopped during the snapshot copy")),
+        None => Ok(()),
+    }
+}
+
+fn spawn_copy_progress(ctx: JobContext, bytes: Arc<HashMap<TableName, AtomicU64>>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            ctx.status.update(|s| {
+                for t in &mut s.tables {
+                    if let Some((_, b)) = bytes.iter().find(|(n, _)| n.to_string() == t.source) {
+                        t.bytes_copied = b.load(Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    })
+}
+
+/// Settings for apply and copy sessions on the target: triggers and foreign-key checks do
+/// not fire for replicated rows (as under PostgreSQL's own apply worker), when the
+/// target user may set `session_replication_role`.
+async fn prepare_target_session(client: &tokio_postgres::Client) -> bool {
+    match client.batch_execute("SET session_replication_role = replica").await {
+        Ok(()) => true,
+        Err(_) => {
+            tracing::debug!("target user may not set session_replication_role; triggers on target tables will fire");
+            false
+        }
+    }
+}
+
+/// Stream from the slot and apply, until shutdown or an error.
+async fn stream(
+    ctx: &JobContext,
+    source: tokio_postgres::Client,
+    target: tokio_postgres::Client,
+    plans: Vec<Arc<TablePlan>>,
+    snapshot_lsn: HashMap<TableName, Lsn>,
+) -> Result<Ended> {
+    let spec = &ctx.spec;
+    let slot = ctx.slot();
+    drop(source);
+    let progress = pg_apply::read_progress(&target, &spec.name).await?.unwrap_or_default();
+    prepare_target_session(&target).await;
+    let session = ReplicationSession::connect(&ctx.source, &slot, &slot, progress.end_lsn, &ctx.app_name("stream")).await?;
+    let mut stream = session.start().await?;
+    tracing::info!(slot = %slot, from = %progress.end_lsn, "streaming");
+    let mut applier = Applier::new(target, &spec.name, plans, snapshot_lsn, progress, GroupLimits::default());
+    let mut confirmed = progress.end_lsn;
+    ctx.status.update(|s| {
+        s.phase = Phase::Streaming;
+        s.applied_lsn = Some(confirmed.to_string());
+    });
+    let mut shutdown = ctx.shutdown.clone();
+    let mut stopping = false;
+    let mut stop_deadline: Option<tokio::time::Instant> = None;
+    let idle = Duration::from_millis(5);
+    loop {
+        if stopping && !applier.in_transaction() {
+            if let Some(p) = applier.flush().await? {
+                stream.confirm(p.end_lsn);
+                publish_applied(ctx, &applier, p.end_lsn);
+            }
+            stream.shutdown(Duration::from_secs(3)).await;
+            tracing::info!(applied = %applier.committed().end_lsn, "stopped");
+            return Ok(Ended::Stopped);
+        }
+        if let Some(d) = stop_deadline {
+            if tokio::time::Instant::now() > d {
+                // A source transaction is still arriving; what the target holds is
+                // consistent and confirmed, the rest will be streamed again.
+                tracing::warn!("stopping in the middle of a source transaction; it will be applied on the next run");
+                return Ok(Ended::Stopped);
+            }
+        }
+        let wait = if applier.has_uncommitted() && !applier.in_transaction() { idle } else { Duration::from_secs(1) };
+        let event = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s), if !stopping => {
+                stopping = true;
+                stop_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(30));
+                continue;
+            }
+            ev = tokio::time::timeout(wait, stream.next()) => ev,
+        };
+        let event = match event {
+            Err(_elapsed) => {
+                if !applier.in_transaction() {
+                    if let Some(p) = applier.flush().await? {
+                        stream.confirm(p.end_lsn);
+                        confirmed = confirmed.max(p.end_lsn);
+                        publish_applied(ctx, &applier, confirmed);
+                    }
+                }
+                continue;
+            }
+            Ok(ev) => ev?,
+        };
+        let Some(event) = event else {
+            return Err(Error::transient("the source ended the replication stream"));
+        };
+        match event {
+            StreamEvent::Begin(b) => applier.begin(&b)?,
+            StreamEvent::Commit(c) => {
+                if let Some(p) = applier.commit(&c).await? {
+                    stream.confirm(p.end_lsn);
+                    confirmed = confirmed.max(p.end_lsn);
+                    publish_applied(ctx, &applier, confirmed);
+                }
+            }
+            StreamEvent::Message(msg) => match msg {
+                LogicalMessage::Relation(r) => applier.relation(&r)?,
+                LogicalMessage::Insert(i) => applier.insert(&i).await?,
+                LogicalMessage::Update(u) => applier.update(&u).await?,
+                LogicalMessage::Delete(d) => applier.delete(&d).await?,
+                LogicalMessage::Truncate(t) => applier.truncate(&t).await?,
+                LogicalMessage::Type(_) | LogicalMessage::Origin(_) | LogicalMessage::Message(_) => {}
+                LogicalMessage::Begin(b) => applier.begin(&b)?,
+                LogicalMessage::Commit(c) => {
+                    if let Some(p) = applier.commit(&c).await? {
+                        stream.confirm(p.end_lsn);
+                        confirmed = confirmed.max(p.end_lsn);
+                        publish_applied(ctx, &applier, confirmed);
+                    }
+                }
+                other => {
+                    return Err(Error::operator(format!(
+                        "unexpected message in a protocol 1 stream: {other:?}"
+                    )));
+                }
+            },
+            StreamEvent::KeepAlive { wal_end } => {
+                // Nothing in flight: everything the server sent up to wal_end is applied,
+                // so the slot may move there and release WAL (hard case 11).
+                if !applier.in_transaction() && !applier.has_uncommitted() && wal_end > confirmed {
+                    stream.confirm(wal_end);
+                    confirmed = wal_end;
+                    publish_applied(ctx, &applier, confirmed);
+                }
+            }
+        }
+    }
+}
+
+fn publish_applied(ctx: &JobContext, applier: &Applier, applied: Lsn) {
+    let stats = applier.stats();
+    ctx.status.update(|s| {
+        s.applied_lsn = Some(applied.to_string());
+        s.applied_transactions = stats.transactions;
+        s.applied_rows = stats.rows;
+    });
+}
+
+/// Poll the source for its WAL position and the slot's state, and derive the lag: the
+/// applied LSN is compared with the source positions sampled over time, so the lag in
+/// seconds is how long ago the source was where the target is now (one clock, no skew).
+async fn poll_source(ctx: JobContext) {
+    let slot = ctx.slot();
+    let mut client: Option<tokio_postgres::Client> = None;
+    let mut samples: std::collections::VecDeque<(Instant, Lsn)> = Default::default();
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if client.as_ref().is_none_or(|c| c.is_closed()) {
+            client = pg_conn::connect(&ctx.source, &ctx.app_name("monitor")).await.ok();
+        }
+        let Some(c) = client.as_ref() else { continue };
+        let Ok(current) = provision::current_wal_lsn(c).await else { continue };
+        let slot_state = provision::slot_state(c, &slot).await.ok().flatten();
+        let now = Instant::now();
+        samples.push_back((now, current));
+        while samples.len() > 4 * 60 * 10 {
+            samples.pop_front();
+        }
+        let status = ctx.status.snapshot();
+        let applied: Option<Lsn> = status.applied_lsn.as_deref().and_then(|s| s.parse().ok());
+        let (lag_bytes, lag_seconds) = match applied {
+            Some(a) => {
+                let bytes = current.bytes_since(a);
+                let behind_since = samples.iter().find(|(_, l)| *l > a).map(|(t, _)| *t);
+                let secs = behind_since.map(|t| now.duration_since(t).as_secs_f64()).unwrap_or(0.0);
+                (Some(bytes), Some(secs))
+            }
+            None => (None, None),
+        };
+        if let Some(b) = lag_bytes {
+            metrics::gauge!(crate::metrics::LAG_BYTES).set(b as f64);
+        }
+        if let Some(s) = lag_seconds {
+            metrics::gauge!(crate::metrics::LAG_SECONDS).set(s);
+        }
+        let retained = slot_state.as_ref().and_then(|s| s.retained_bytes).map(|b| b.max(0) as u64);
+        if let Some(r) = retained {
+            metrics::gauge!(crate::metrics::SLOT_RETAINED_WAL_BYTES).set(r as f64);
+        }
+        ctx.status.update(|s| {
+            s.source_lsn = Some(current.to_string());
+            s.lag_bytes = lag_bytes;
+            s.lag_seconds = lag_seconds;
+            s.slot_retained_bytes = retained;
+            s.updated_at = rfc3339(SystemTime::now());
+        });
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` in UTC.
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_utc() {
+        assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_680_000);
+        assert_eq!(rfc3339(t), "2026-11-26T00:00:00Z");
+    }
+}
