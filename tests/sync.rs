@@ -18,7 +18,12 @@ ALTER TABLE public.docs ALTER COLUMN body SET STORAGE EXTERNAL;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-async fn setup_pair() -> (cutover::cluster::Cluster, cutover::cluster::Cluster, tokio_postgres::Client, tokio_postgres::Client) {
+async fn setup_pair() -> (
+    cutover::cluster::Cluster,
+    cutover::cluster::Cluster,
+    tokio_postgres::Client,
+    tokio_postgres::Client,
+) {
     let (src, dst) = tokio::join!(cluster("sync-src"), cluster("sync-dst"));
     src.create_database("shop").await.unwrap();
     dst.create_database("shop").await.unwrap();
@@ -30,7 +35,12 @@ async fn setup_pair() -> (cutover::cluster::Cluster, cutover::cluster::Cluster, 
 }
 
 async fn assert_all_equal(s: &tokio_postgres::Client, d: &tokio_postgres::Client, daemon: &Daemon) {
-    for t in ["public.accounts", r#"public."Odd ""Name""""#, "public.events", "public.docs"] {
+    for t in [
+        "public.accounts",
+        r#"public."Odd ""Name""""#,
+        "public.events",
+        "public.docs",
+    ] {
         wait_equal(s, d, t, t, TIMEOUT, Some(daemon)).await;
     }
 }
@@ -74,29 +84,64 @@ async fn snapshot_then_every_dml_kind_across_clusters() {
     .await
     .unwrap();
     assert_all_equal(&s, &d, &daemon).await;
-    let body_len: i64 = d.query_one("SELECT sum(length(body))::int8 FROM docs WHERE id <= 10", &[]).await.unwrap().get(0);
-    assert_eq!(body_len, 10 * 32 * 1000, "unchanged TOAST values must be kept on the target");
-    let rolled_back: i64 = d.query_one("SELECT count(*) FROM accounts WHERE id IN (-1, -3)", &[]).await.unwrap().get(0);
+    let body_len: i64 = d
+        .query_one(
+            "SELECT sum(length(body))::int8 FROM docs WHERE id <= 10",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        body_len,
+        10 * 32 * 1000,
+        "unchanged TOAST values must be kept on the target"
+    );
+    let rolled_back: i64 = d
+        .query_one("SELECT count(*) FROM accounts WHERE id IN (-1, -3)", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(rolled_back, 0);
 
     // TRUNCATE reaches the target.
-    s.batch_execute("TRUNCATE events; INSERT INTO events VALUES ('after', NULL, NULL);").await.unwrap();
+    s.batch_execute("TRUNCATE events; INSERT INTO events VALUES ('after', NULL, NULL);")
+        .await
+        .unwrap();
     assert_all_equal(&s, &d, &daemon).await;
 
     // A clean stop exits 0 and confirms what was applied.
-    assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0), "{}", daemon.output());
+    assert_eq!(
+        daemon.terminate(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        daemon.output()
+    );
     let confirmed: Option<String> = s
         .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = 'cutover_dml'", &[])
         .await
         .unwrap()
         .get(0);
-    let progress: String = d.query_one("SELECT end_lsn::text FROM cutover.progress WHERE job = 'dml'", &[]).await.unwrap().get(0);
-    let cmp: bool = s
-        .query_one("SELECT $1::text::pg_lsn >= $2::text::pg_lsn", &[&confirmed, &progress])
+    let progress: String = d
+        .query_one(
+            "SELECT end_lsn::text FROM cutover.progress WHERE job = 'dml'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
-    assert!(cmp, "slot confirmed {confirmed:?} should have reached the applied {progress}");
+    let cmp: bool = s
+        .query_one(
+            "SELECT $1::text::pg_lsn >= $2::text::pg_lsn",
+            &[&confirmed, &progress],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        cmp,
+        "slot confirmed {confirmed:?} should have reached the applied {progress}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -112,7 +157,13 @@ async fn new_schema_in_the_same_database() {
     .await
     .unwrap();
     let c = src.connect("app").await.unwrap();
-    let job = Job::write_with_target("samedb", &src.url("app"), &src.url("app"), "schema = \"v2\"", "");
+    let job = Job::write_with_target(
+        "samedb",
+        &src.url("app"),
+        &src.url("app"),
+        "schema = \"v2\"",
+        "",
+    );
     let mut daemon = Daemon::start(&job);
     daemon.wait_phase("streaming", TIMEOUT).await;
     c.batch_execute("UPDATE public.items SET name = 'x' WHERE id < 100; DELETE FROM public.items WHERE id > 900; INSERT INTO public.items VALUES (5000, 'new');")

@@ -1,7 +1,8 @@
 //! The job spec: what a job file says, after parsing and pure validation.
 //!
 //! These types are the in-memory form of the job TOML of `shared/contract.md`. Parsing
-//! (`crate::parse`) fills defaults, so every field here has its final value.
+//! ([`JobSpec::parse`], in `crate::parse`) fills defaults, so every field here has its
+//! final value; nothing downstream needs to know a default.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -54,9 +55,44 @@ pub struct ConnSpec {
     pub url: Secret,
     /// Name of an environment variable holding the password.
     pub password_env: Option<String>,
+    /// Where the settings were written, so that errors found later by
+    /// [`ConnSpec::resolve`] point at the job file like parse errors do.
+    pub origin: ConnOrigin,
+}
+
+/// Where a [`ConnSpec`] was written (for messages only; never holds a secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnOrigin {
+    /// The job file as given, `<job>` when parsed from a string.
+    pub file: String,
+    /// The section, `[source]` or `[target]` (`connection` for a spec built in code).
+    pub section: String,
+    /// The line of the `url` key.
+    pub url_line: Option<usize>,
+    /// The line of the `password_env` key.
+    pub password_env_line: Option<usize>,
+}
+
+impl Default for ConnOrigin {
+    fn default() -> Self {
+        Self {
+            file: "<job>".to_owned(),
+            section: "connection".to_owned(),
+            url_line: None,
+            password_env_line: None,
+        }
+    }
 }
 
 /// One `[[table]]` entry.
+///
+/// Names are `schema.table` or `table`; a part in double quotes may hold any
+/// character (`""` for a quote). Unquoted parts are taken as written, without case
+/// folding: job files name tables as the catalog spells them. A bare source name is
+/// in schema `public`. The target table is `target` if given, else the source's
+/// name; when that name has no schema, the schema is `[target] schema` if set, else
+/// the source's schema. Parsing guarantees that no two entries share a source, or a
+/// target, under these rules (see [`JobSpec::table_target`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TableSpec {
     /// `schema.table` or `table` (schema `public`), as written.
@@ -163,6 +199,7 @@ impl std::fmt::Debug for ConnSpec {
         f.debug_struct("ConnSpec")
             .field("url", &"***")
             .field("password_env", &self.password_env)
+            .field("origin", &self.origin)
             .finish()
     }
 }

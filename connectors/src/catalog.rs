@@ -77,7 +77,10 @@ pub async fn list_tables(client: &Client) -> Result<Vec<TableName>> {
         )
         .await
         .map_err(|e| Error::from_pg("list tables", "the source", &e))?;
-    Ok(rows.iter().map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1))).collect())
+    Ok(rows
+        .iter()
+        .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect())
 }
 
 /// Whether `name` matches a `schema.table` pattern where `*` matches any run of characters.
@@ -201,7 +204,10 @@ mod tests {
         assert!(matches_pattern(&t, "orders"));
         assert!(!matches_pattern(&t, "public.order"));
         assert!(!matches_pattern(&t, "app.*"));
-        assert!(matches_pattern(&TableName::new("public", "a*b"), "public.a*b"));
+        assert!(matches_pattern(
+            &TableName::new("public", "a*b"),
+            "public.a*b"
+        ));
         assert!(matches_pattern(&t, "p*c.*s"));
     }
 }

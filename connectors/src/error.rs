@@ -30,11 +30,23 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
     pub fn transient(primary: impl Into<String>) -> Self {
-        Self { class: ErrorClass::Transient, primary: primary.into(), detail: None, hint: None, source: None }
+        Self {
+            class: ErrorClass::Transient,
+            primary: primary.into(),
+            detail: None,
+            hint: None,
+            source: None,
+        }
     }
 
     pub fn operator(primary: impl Into<String>) -> Self {
-        Self { class: ErrorClass::NeedsOperator, primary: primary.into(), detail: None, hint: None, source: None }
+        Self {
+            class: ErrorClass::NeedsOperator,
+            primary: primary.into(),
+            detail: None,
+            hint: None,
+            source: None,
+        }
     }
 
     pub fn detail(mut self, detail: impl Into<String>) -> Self {
@@ -67,10 +79,18 @@ impl Error {
                 db.detail().map(str::to_string),
                 db.hint().map(str::to_string),
             ),
-            None => (format!("could not {what} on {endpoint}: {}", pg_cause(err)), None, None),
+            None => (
+                format!("could not {what} on {endpoint}: {}", pg_cause(err)),
+                None,
+                None,
+            ),
         };
         Self {
-            class: if transient { ErrorClass::Transient } else { ErrorClass::NeedsOperator },
+            class: if transient {
+                ErrorClass::Transient
+            } else {
+                ErrorClass::NeedsOperator
+            },
             primary,
             detail,
             hint,
@@ -130,6 +150,8 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source.as_deref().map(|s| s as &(dyn std::error::Error + 'static))
+        self.source
+            .as_deref()
+            .map(|s| s as &(dyn std::error::Error + 'static))
     }
 }

@@ -41,7 +41,10 @@ pub struct TableName {
 
 impl TableName {
     pub fn new(schema: impl Into<String>, name: impl Into<String>) -> Self {
-        Self { schema: schema.into(), name: name.into() }
+        Self {
+            schema: schema.into(),
+            name: name.into(),
+        }
     }
 
     /// Parse `schema.table` or `table` (schema `default_schema`). A part may be written
@@ -67,7 +70,8 @@ impl fmt::Display for TableName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let show = |p: &str| {
             let plain = !p.is_empty()
-                && p.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                && p.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
                 && !p.starts_with(|c: char| c.is_ascii_digit());
             if plain { p.to_string() } else { quote_ident(p) }
         };
@@ -119,14 +123,23 @@ mod tests {
 
     #[test]
     fn quoting_doubles_embedded_quotes() {
-        assert_eq!(quote_ident(r#"x"; DROP TABLE t; --"#), r#""x""; DROP TABLE t; --""#);
+        assert_eq!(
+            quote_ident(r#"x"; DROP TABLE t; --"#),
+            r#""x""; DROP TABLE t; --""#
+        );
         assert_eq!(quote_literal("it's"), "'it''s'");
     }
 
     #[test]
     fn parses_qualified_names() {
-        assert_eq!(TableName::parse("orders", "public"), Some(TableName::new("public", "orders")));
-        assert_eq!(TableName::parse("v2.orders", "public"), Some(TableName::new("v2", "orders")));
+        assert_eq!(
+            TableName::parse("orders", "public"),
+            Some(TableName::new("public", "orders"))
+        );
+        assert_eq!(
+            TableName::parse("v2.orders", "public"),
+            Some(TableName::new("v2", "orders"))
+        );
         assert_eq!(
             TableName::parse(r#""My.S"."Odd ""Name""""#, "public"),
             Some(TableName::new("My.S", r#"Odd "Name""#))
@@ -139,6 +152,9 @@ mod tests {
     #[test]
     fn display_quotes_only_when_needed() {
         assert_eq!(TableName::new("public", "t").to_string(), "public.t");
-        assert_eq!(TableName::new("public", "Odd \"Name\"").to_string(), r#"public."Odd ""Name""""#);
+        assert_eq!(
+            TableName::new("public", "Odd \"Name\"").to_string(),
+            r#"public."Odd ""Name""""#
+        );
     }
 }

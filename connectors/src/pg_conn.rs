@@ -51,7 +51,10 @@ pub fn pg_config(params: &ConnParams, application_name: &str) -> tokio_postgres:
 /// Connect and spawn the connection task. Failures name the endpoint and the cause
 /// (refused, timeout, authentication) and never the password.
 pub async fn connect(params: &ConnParams, application_name: &str) -> Result<Client> {
-    if matches!(params.sslmode, SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull) {
+    if matches!(
+        params.sslmode,
+        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
+    ) {
         return Err(Error::operator(format!(
             "sslmode={} is not supported yet for {}",
             sslmode_name(params.sslmode),
@@ -60,7 +63,10 @@ pub async fn connect(params: &ConnParams, application_name: &str) -> Result<Clie
         .hint("connect over a private network or a unix socket with sslmode=disable or prefer"));
     }
     let cfg = pg_config(params, application_name);
-    let (client, connection) = cfg.connect(NoTls).await.map_err(|e| connect_error(params, &e))?;
+    let (client, connection) = cfg
+        .connect(NoTls)
+        .await
+        .map_err(|e| connect_error(params, &e))?;
     let endpoint = params.endpoint();
     tokio::spawn(async move {
         if let Err(e) = connection.await {
@@ -85,7 +91,10 @@ pub fn connect_error(params: &ConnParams, err: &tokio_postgres::Error) -> Error 
     let cause = pg_cause(err);
     let endpoint = params.endpoint();
     let mut e = Error::from_pg("connect", &endpoint, err);
-    e.primary = format!("could not connect to {endpoint} as user \"{}\": {cause}", params.user);
+    e.primary = format!(
+        "could not connect to {endpoint} as user \"{}\": {cause}",
+        params.user
+    );
     let hint = if cause.contains("refused") {
         Some("check that the server is running and accepts TCP connections on that host and port")
     } else if cause.contains("timed out") || cause.contains("timeout") {
@@ -106,4 +115,3 @@ pub fn connect_error(params: &ConnParams, err: &tokio_postgres::Error) -> Error 
     }
     e
 }
-

@@ -99,7 +99,11 @@ pub async fn run(ctx: JobContext) -> Result<()> {
     };
     poller.abort();
     ctx.status.update(|s| {
-        s.phase = if result.is_ok() { Phase::Stopped } else { Phase::Failed };
+        s.phase = if result.is_ok() {
+            Phase::Stopped
+        } else {
+            Phase::Failed
+        };
         if let Err(e) = &result {
             s.error = Some(e.to_string());
         }
@@ -109,20 +113,38 @@ pub async fn run(ctx: JobContext) -> Result<()> {
 
 /// The tables of the job: explicit `[[table]]` entries, or every source table matched by
 /// `[source] tables`, each with its target name.
-async fn resolve_tables(ctx: &JobContext, source: &tokio_postgres::Client) -> Result<Vec<(TableName, TableName)>> {
+async fn resolve_tables(
+    ctx: &JobContext,
+    source: &tokio_postgres::Client,
+) -> Result<Vec<(TableName, TableName)>> {
     let spec = &ctx.spec;
     let target_for = |src: &TableName| {
-        TableName::new(spec.target.schema.clone().unwrap_or_else(|| src.schema.clone()), src.name.clone())
+        TableName::new(
+            spec.target
+                .schema
+                .clone()
+                .unwrap_or_else(|| src.schema.clone()),
+            src.name.clone(),
+        )
     };
     if !spec.tables.is_empty() {
         let mut out = Vec::new();
         for t in &spec.tables {
             let src = TableName::parse(&t.source, "public").ok_or_else(|| {
-                Error::operator(format!("invalid table name \"{}\" in [[table]] source", t.source))
+                Error::operator(format!(
+                    "invalid table name \"{}\" in [[table]] source",
+                    t.source
+                ))
             })?;
             let dst = match &t.target {
-                Some(name) => TableName::parse(name, spec.target.schema.as_deref().unwrap_or(&src.schema))
-                    .ok_or_else(|| Error::operator(format!("invalid table name \"{name}\" in [[table]] target")))?,
+                Some(name) => {
+                    TableName::parse(name, spec.target.schema.as_deref().unwrap_or(&src.schema))
+                        .ok_or_else(|| {
+                            Error::operator(format!(
+                                "invalid table name \"{name}\" in [[table]] target"
+                            ))
+                        })?
+                }
                 None => target_for(&src),
             };
             out.push((src, dst));
@@ -132,7 +154,12 @@ async fn resolve_tables(ctx: &JobContext, source: &tokio_postgres::Client) -> Re
     let all = catalog::list_tables(source).await?;
     let picked: Vec<_> = all
         .into_iter()
-        .filter(|t| spec.source.tables.iter().any(|p| catalog::matches_pattern(t, p)))
+        .filter(|t| {
+            spec.source
+                .tables
+                .iter()
+                .any(|p| catalog::matches_pattern(t, p))
+        })
         .map(|t| {
             let dst = target_for(&t);
             (t, dst)
@@ -170,8 +197,10 @@ async fn plan_tables(
                 .hint("check the [[table]] source names and the [source] url's database")
         })?;
         let t: TableInfo = catalog::table_info(target, &dst).await?.ok_or_else(|| {
-            Error::operator(format!("target table {dst} does not exist"))
-                .hint(format!("create it on the target (for example from pg_dump --schema-only -t {})", src.quoted()))
+            Error::operator(format!("target table {dst} does not exist")).hint(format!(
+                "create it on the target (for example from pg_dump --schema-only -t {})",
+                src.quoted()
+            ))
         })?;
         plans.push(Arc::new(TablePlan::by_name(s, t)?));
     }
@@ -188,17 +217,20 @@ async fn run_once(ctx: &JobContext) -> Result<Ended> {
     pg_apply::ensure_state_schema(&target).await?;
     ctx.status.update(|s| {
         s.error = None;
-        let old: HashMap<String, TableStatus> = s.tables.drain(..).map(|t| (t.source.clone(), t)).collect();
+        let old: HashMap<String, TableStatus> =
+            s.tables.drain(..).map(|t| (t.source.clone(), t)).collect();
         s.tables = plans
             .iter()
             .map(|p| {
-                old.get(&p.source_name().to_string()).cloned().unwrap_or(TableStatus {
-                    source: p.source_name().to_string(),
-                    target: p.target_name().to_string(),
-                    rows_copied: 0,
-                    bytes_copied: 0,
-                    snapshot_done: false,
-                })
+                old.get(&p.source_name().to_string())
+                    .cloned()
+                    .unwrap_or(TableStatus {
+                        source: p.source_name().to_string(),
+                        target: p.target_name().to_string(),
+                        rows_copied: 0,
+                        bytes_copied: 0,
+                        snapshot_done: false,
+                    })
             })
             .collect();
     });
@@ -236,7 +268,11 @@ async fn run_once(ctx: &JobContext) -> Result<Ended> {
             Some(st) if st.done => {
                 snapshot_lsn.insert(plan.source_name().clone(), st.snapshot_lsn);
                 ctx.status.update(|s| {
-                    if let Some(t) = s.tables.iter_mut().find(|t| t.source == plan.source_name().to_string()) {
+                    if let Some(t) = s
+                        .tables
+                        .iter_mut()
+                        .find(|t| t.source == plan.source_name().to_string())
+                    {
                         t.snapshot_done = true;
                         t.rows_copied = st.rows_copied;
                     }
@@ -255,13 +291,21 @@ async fn run_once(ctx: &JobContext) -> Result<Ended> {
                 // table added to the job) use a snapshot of their own, from a temporary
                 // slot; their changes apply from that snapshot's LSN on.
                 let tmp = format!("{}_sync", slot);
-                let (session, created) = create_slot(ctx, &source, &tmp, &publication, true).await?;
+                let (session, created) =
+                    create_slot(ctx, &source, &tmp, &publication, true).await?;
                 (session, created.consistent_point, created.snapshot_name)
             }
         };
         if spec.snapshot.mode == SnapshotMode::Never {
             for plan in &pending {
-                pg_apply::mark_table_started(&target, &spec.name, &plan.source_name().to_string(), &plan.target_name().to_string(), Lsn::ZERO).await?;
+                pg_apply::mark_table_started(
+                    &target,
+                    &spec.name,
+                    &plan.source_name().to_string(),
+                    &plan.target_name().to_string(),
+                    Lsn::ZERO,
+                )
+                .await?;
                 pg_apply::mark_done(&target, plan, &spec.name).await?;
                 snapshot_lsn.insert(plan.source_name().clone(), Lsn::ZERO);
             }
@@ -289,13 +333,19 @@ async fn create_slot(
     slot: &str,
     publication: &str,
     temporary: bool,
-) -> Result<(ReplicationSession, cutover_connectors::pg_source::client::CreatedSlot)> {
+) -> Result<(
+    ReplicationSession,
+    cutover_connectors::pg_source::client::CreatedSlot,
+)> {
     let app = ctx.app_name(if temporary { "sync" } else { "slot" });
-    let mut session = ReplicationSession::connect(&ctx.source, slot, publication, Lsn::ZERO, &app).await?;
+    let mut session =
+        ReplicationSession::connect(&ctx.source, slot, publication, Lsn::ZERO, &app).await?;
     match tokio::time::timeout(SLOT_CREATE_TIMEOUT, session.create_slot(slot, temporary)).await {
         Ok(created) => Ok((session, created?)),
         Err(_) => {
-            let blockers = provision::blocking_backends(source, &app).await.unwrap_or_default();
+            let blockers = provision::blocking_backends(source, &app)
+                .await
+                .unwrap_or_default();
             drop(session);
             provision::cancel_slot_creation(source, &app, slot).await?;
             Err(Error::operator(format!(
@@ -326,14 +376,25 @@ async fn copy_tables(
     let mut work: Vec<(Arc<TablePlan>, CopyChunk)> = Vec::new();
     let mut remaining: HashMap<TableName, usize> = HashMap::new();
     for plan in pending {
-        pg_apply::mark_table_started(target, &spec.name, &plan.source_name().to_string(), &plan.target_name().to_string(), point).await?;
+        pg_apply::mark_table_started(
+            target,
+            &spec.name,
+            &plan.source_name().to_string(),
+            &plan.target_name().to_string(),
+            point,
+        )
+        .await?;
         pg_apply::truncate_target(target, plan).await?;
         let pages = plan.source.pages.max(0) as u64;
         let chunks = pg_apply::plan_chunks(plan.source.relkind, pages, parallelism);
         remaining.insert(plan.source_name().clone(), chunks.len());
         work.extend(chunks.into_iter().map(|c| (plan.clone(), c)));
         ctx.status.update(|s| {
-            if let Some(t) = s.tables.iter_mut().find(|t| t.source == plan.source_name().to_string()) {
+            if let Some(t) = s
+                .tables
+                .iter_mut()
+                .find(|t| t.source == plan.source_name().to_string())
+            {
                 t.rows_copied = 0;
                 t.bytes_copied = 0;
                 t.snapshot_done = false;
@@ -344,8 +405,12 @@ async fn copy_tables(
     work.reverse();
     let queue = Arc::new(tokio::sync::Mutex::new(work));
     let remaining = Arc::new(tokio::sync::Mutex::new(remaining));
-    let bytes: Arc<HashMap<TableName, AtomicU64>> =
-        Arc::new(pending.iter().map(|p| (p.source_name().clone(), AtomicU64::new(0))).collect());
+    let bytes: Arc<HashMap<TableName, AtomicU64>> = Arc::new(
+        pending
+            .iter()
+            .map(|p| (p.source_name().clone(), AtomicU64::new(0)))
+            .collect(),
+    );
     let progress = spawn_copy_progress(ctx.clone(), bytes.clone());
     let mut workers = Vec::new();
     for i in 0..parallelism {
@@ -359,7 +424,9 @@ async fn copy_tables(
             let mut src: Option<tokio_postgres::Client> = None;
             let mut dst: Option<tokio_postgres::Client> = None;
             loop {
-                let Some((plan, chunk)) = queue.lock().await.pop() else { return Ok::<(), Error>(()) };
+                let Some((plan, chunk)) = queue.lock().await.pop() else {
+                    return Ok::<(), Error>(());
+                };
                 if ctx.stopping() {
                     return Ok(());
                 }
@@ -371,9 +438,20 @@ async fn copy_tables(
                     prepare_target_session(&c).await;
                     dst = Some(c);
                 }
-                let (Some(s), Some(d)) = (src.as_mut(), dst.as_mut()) else { continue };
+                let (Some(s), Some(d)) = (src.as_mut(), dst.as_mut()) else {
+                    continue;
+                };
                 let counter = &bytes[plan.source_name()];
-                let rows = pg_apply::copy_chunk(s, &snapshot_name, d, &plan, chunk, &ctx.spec.name, counter).await?;
+                let rows = pg_apply::copy_chunk(
+                    s,
+                    &snapshot_name,
+                    d,
+                    &plan,
+                    chunk,
+                    &ctx.spec.name,
+                    counter,
+                )
+                .await?;
                 metrics::counter!(crate::metrics::SNAPSHOT_ROWS_TOTAL).increment(rows);
                 let name = plan.source_name().to_string();
                 let finished = {
@@ -415,7 +493,10 @@ async fn copy_tables(
     }
 }
 
-fn spawn_copy_progress(ctx: JobContext, bytes: Arc<HashMap<TableName, AtomicU64>>) -> tokio::task::JoinHandle<()> {
+fn spawn_copy_progress(
+    ctx: JobContext,
+    bytes: Arc<HashMap<TableName, AtomicU64>>,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_millis(250)).await;
@@ -434,10 +515,15 @@ fn spawn_copy_progress(ctx: JobContext, bytes: Arc<HashMap<TableName, AtomicU64>
 /// not fire for replicated rows (as under PostgreSQL's own apply worker), when the
 /// target user may set `session_replication_role`.
 async fn prepare_target_session(client: &tokio_postgres::Client) -> bool {
-    match client.batch_execute("SET session_replication_role = replica").await {
+    match client
+        .batch_execute("SET session_replication_role = replica")
+        .await
+    {
         Ok(()) => true,
         Err(_) => {
-            tracing::debug!("target user may not set session_replication_role; triggers on target tables will fire");
+            tracing::debug!(
+                "target user may not set session_replication_role; triggers on target tables will fire"
+            );
             false
         }
     }
@@ -454,12 +540,28 @@ async fn stream(
     let spec = &ctx.spec;
     let slot = ctx.slot();
     drop(source);
-    let progress = pg_apply::read_progress(&target, &spec.name).await?.unwrap_or_default();
+    let progress = pg_apply::read_progress(&target, &spec.name)
+        .await?
+        .unwrap_or_default();
     prepare_target_session(&target).await;
-    let session = ReplicationSession::connect(&ctx.source, &slot, &slot, progress.end_lsn, &ctx.app_name("stream")).await?;
+    let session = ReplicationSession::connect(
+        &ctx.source,
+        &slot,
+        &slot,
+        progress.end_lsn,
+        &ctx.app_name("stream"),
+    )
+    .await?;
     let mut stream = session.start().await?;
     tracing::info!(slot = %slot, from = %progress.end_lsn, "streaming");
-    let mut applier = Applier::new(target, &spec.name, plans, snapshot_lsn, progress, GroupLimits::default());
+    let mut applier = Applier::new(
+        target,
+        &spec.name,
+        plans,
+        snapshot_lsn,
+        progress,
+        GroupLimits::default(),
+    );
     let mut confirmed = progress.end_lsn;
     ctx.status.update(|s| {
         s.phase = Phase::Streaming;
@@ -479,15 +581,19 @@ async fn stream(
             tracing::info!(applied = %applier.committed().end_lsn, "stopped");
             return Ok(Ended::Stopped);
         }
-        if let Some(d) = stop_deadline {
-            if tokio::time::Instant::now() > d {
-                // A source transaction is still arriving; what the target holds is
-                // consistent and confirmed, the rest will be streamed again.
-                tracing::warn!("stopping in the middle of a source transaction; it will be applied on the next run");
-                return Ok(Ended::Stopped);
-            }
+        if stop_deadline.is_some_and(|d| tokio::time::Instant::now() > d) {
+            // A source transaction is still arriving; what the target holds is
+            // consistent and confirmed, the rest will be streamed again.
+            tracing::warn!(
+                "stopping in the middle of a source transaction; it will be applied on the next run"
+            );
+            return Ok(Ended::Stopped);
         }
-        let wait = if applier.has_uncommitted() && !applier.in_transaction() { idle } else { Duration::from_secs(1) };
+        let wait = if applier.has_uncommitted() && !applier.in_transaction() {
+            idle
+        } else {
+            Duration::from_secs(1)
+        };
         let event = tokio::select! {
             biased;
             _ = shutdown.wait_for(|s| *s), if !stopping => {
@@ -499,12 +605,12 @@ async fn stream(
         };
         let event = match event {
             Err(_elapsed) => {
-                if !applier.in_transaction() {
-                    if let Some(p) = applier.flush().await? {
-                        stream.confirm(p.end_lsn);
-                        confirmed = confirmed.max(p.end_lsn);
-                        publish_applied(ctx, &applier, confirmed);
-                    }
+                if !applier.in_transaction()
+                    && let Some(p) = applier.flush().await?
+                {
+                    stream.confirm(p.end_lsn);
+                    confirmed = confirmed.max(p.end_lsn);
+                    publish_applied(ctx, &applier, confirmed);
                 }
                 continue;
             }
@@ -528,7 +634,9 @@ async fn stream(
                 LogicalMessage::Update(u) => applier.update(&u).await?,
                 LogicalMessage::Delete(d) => applier.delete(&d).await?,
                 LogicalMessage::Truncate(t) => applier.truncate(&t).await?,
-                LogicalMessage::Type(_) | LogicalMessage::Origin(_) | LogicalMessage::Message(_) => {}
+                LogicalMessage::Type(_)
+                | LogicalMessage::Origin(_)
+                | LogicalMessage::Message(_) => {}
                 LogicalMessage::Begin(b) => applier.begin(&b)?,
                 LogicalMessage::Commit(c) => {
                     if let Some(p) = applier.commit(&c).await? {
@@ -575,10 +683,14 @@ async fn poll_source(ctx: JobContext) {
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         if client.as_ref().is_none_or(|c| c.is_closed()) {
-            client = pg_conn::connect(&ctx.source, &ctx.app_name("monitor")).await.ok();
+            client = pg_conn::connect(&ctx.source, &ctx.app_name("monitor"))
+                .await
+                .ok();
         }
         let Some(c) = client.as_ref() else { continue };
-        let Ok(current) = provision::current_wal_lsn(c).await else { continue };
+        let Ok(current) = provision::current_wal_lsn(c).await else {
+            continue;
+        };
         let slot_state = provision::slot_state(c, &slot).await.ok().flatten();
         let now = Instant::now();
         samples.push_back((now, current));
@@ -591,7 +703,9 @@ async fn poll_source(ctx: JobContext) {
             Some(a) => {
                 let bytes = current.bytes_since(a);
                 let behind_since = samples.iter().find(|(_, l)| *l > a).map(|(t, _)| *t);
-                let secs = behind_since.map(|t| now.duration_since(t).as_secs_f64()).unwrap_or(0.0);
+                let secs = behind_since
+                    .map(|t| now.duration_since(t).as_secs_f64())
+                    .unwrap_or(0.0);
                 (Some(bytes), Some(secs))
             }
             None => (None, None),
@@ -602,7 +716,10 @@ async fn poll_source(ctx: JobContext) {
         if let Some(s) = lag_seconds {
             metrics::gauge!(crate::metrics::LAG_SECONDS).set(s);
         }
-        let retained = slot_state.as_ref().and_then(|s| s.retained_bytes).map(|b| b.max(0) as u64);
+        let retained = slot_state
+            .as_ref()
+            .and_then(|s| s.retained_bytes)
+            .map(|b| b.max(0) as u64);
         if let Some(r) = retained {
             metrics::gauge!(crate::metrics::SLOT_RETAINED_WAL_BYTES).set(r as f64);
         }
@@ -618,7 +735,10 @@ async fn poll_source(ctx: JobContext) {
 
 /// `YYYY-MM-DDTHH:MM:SSZ` in UTC.
 pub fn rfc3339(t: SystemTime) -> String {
-    let secs = t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0) as i64;
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0) as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Civil-from-days (Howard Hinnant's algorithm).
     let z = days + 719_468;
@@ -630,7 +750,12 @@ pub fn rfc3339(t: SystemTime) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]

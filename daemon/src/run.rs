@@ -52,7 +52,13 @@ pub async fn run_job(path: &Path) -> anyhow::Result<Outcome> {
         let _ = api_stop.wait_for(|s| *s).await;
     }));
 
-    let ctx = JobContext { spec: Arc::new(spec), source, target, status, shutdown: stop_rx };
+    let ctx = JobContext {
+        spec: Arc::new(spec),
+        source,
+        target,
+        status,
+        shutdown: stop_rx,
+    };
     let result = job::run(ctx).await;
     api.abort();
     match result {
@@ -63,7 +69,10 @@ pub async fn run_job(path: &Path) -> anyhow::Result<Outcome> {
 
 async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the job runs until killed; that is still safe.
         std::future::pending::<()>().await;
         return;

@@ -16,12 +16,18 @@ use cutover::cluster::{Cluster, ClusterOptions};
 pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 pub async fn cluster(name: &str) -> Cluster {
-    Cluster::start(ClusterOptions::named(name)).await.expect("start a PostgreSQL cluster")
+    Cluster::start(ClusterOptions::named(name))
+        .await
+        .expect("start a PostgreSQL cluster")
 }
 
 /// A free TCP port on loopback for the daemon's API.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A job file in a temp dir.
@@ -40,7 +46,13 @@ impl Job {
     }
 
     /// Like [`Job::write`], with `target_keys` added to the `[target]` section.
-    pub fn write_with_target(name: &str, source_url: &str, target_url: &str, target_keys: &str, extra: &str) -> Job {
+    pub fn write_with_target(
+        name: &str,
+        source_url: &str,
+        target_url: &str,
+        target_keys: &str,
+        extra: &str,
+    ) -> Job {
         let dir = tempfile::tempdir().unwrap();
         let api_port = free_port();
         let text = format!(
@@ -49,7 +61,12 @@ impl Job {
         );
         let path = dir.path().join("job.toml");
         std::fs::write(&path, text).unwrap();
-        Job { dir, path, api_port, name: name.to_string() }
+        Job {
+            dir,
+            path,
+            api_port,
+            name: name.to_string(),
+        }
     }
 
     pub fn api(&self) -> String {
@@ -70,8 +87,13 @@ pub fn bin() -> &'static str {
 
 impl Daemon {
     pub fn start(job: &Job) -> Daemon {
-        let log = job.dir.path().join(format!("daemon-{}.log", Instant::now().elapsed().as_nanos()));
-        let n = std::fs::read_dir(job.dir.path()).map(|d| d.count()).unwrap_or(0);
+        let log = job.dir.path().join(format!(
+            "daemon-{}.log",
+            Instant::now().elapsed().as_nanos()
+        ));
+        let n = std::fs::read_dir(job.dir.path())
+            .map(|d| d.count())
+            .unwrap_or(0);
         let log = log.with_file_name(format!("daemon-{n}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(bin())
@@ -83,7 +105,11 @@ impl Daemon {
             .stderr(file)
             .spawn()
             .expect("spawn cutover run");
-        Daemon { child: Some(child), log, api: job.api() }
+        Daemon {
+            child: Some(child),
+            log,
+            api: job.api(),
+        }
     }
 
     pub fn output(&self) -> String {
@@ -118,7 +144,9 @@ impl Daemon {
 
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// `GET path` on the daemon's API: (status code, body).
@@ -131,7 +159,10 @@ impl Daemon {
         s.read_to_end(&mut buf).await.ok()?;
         let text = String::from_utf8_lossy(&buf).to_string();
         let code = text.split_whitespace().nth(1)?.parse().ok()?;
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
         Some((code, body))
     }
 
@@ -144,16 +175,20 @@ impl Daemon {
     pub async fn wait_phase(&mut self, phase: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(s) = self.status().await {
-                if s["phase"] == phase {
-                    return;
-                }
+            if self.status().await.is_some_and(|s| s["phase"] == phase) {
+                return;
             }
             if !self.running() {
-                panic!("the daemon exited while waiting for phase {phase}:\n{}", self.output());
+                panic!(
+                    "the daemon exited while waiting for phase {phase}:\n{}",
+                    self.output()
+                );
             }
             if Instant::now() > deadline {
-                panic!("phase {phase} not reached in {timeout:?}:\n{}", self.output());
+                panic!(
+                    "phase {phase} not reached in {timeout:?}:\n{}",
+                    self.output()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -161,7 +196,10 @@ impl Daemon {
 }
 
 fn unsafe_free_kill(pid: u32, signal: &str) {
-    let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
+    let _ = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status();
 }
 
 impl Drop for Daemon {
@@ -176,7 +214,8 @@ pub async fn rows(client: &tokio_postgres::Client, table: &str, columns: &str) -
         .batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3; SET IntervalStyle = 'postgres'; SET bytea_output = 'hex'")
         .await
         .unwrap();
-    let sql = format!("SELECT ({columns})::text FROM {table} t ORDER BY ({columns})::text COLLATE \"C\"");
+    let sql =
+        format!("SELECT ({columns})::text FROM {table} t ORDER BY ({columns})::text COLLATE \"C\"");
     client
         .query(&sql, &[])
         .await
@@ -189,13 +228,18 @@ pub async fn rows(client: &tokio_postgres::Client, table: &str, columns: &str) -
 /// A digest of the table: row count and md5 of the sorted `row::text` (for big tables).
 pub async fn digest(client: &tokio_postgres::Client, table: &str) -> (i64, String) {
     client
-        .batch_execute("SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3")
+        .batch_execute(
+            "SET TimeZone = 'UTC'; SET DateStyle = 'ISO, YMD'; SET extra_float_digits = 3",
+        )
         .await
         .unwrap();
     let sql = format!(
         "SELECT count(*), coalesce(md5(string_agg(t::text, E'\\n' ORDER BY t::text COLLATE \"C\")), '') FROM {table} t"
     );
-    let row = client.query_one(&sql, &[]).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    let row = client
+        .query_one(&sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
     (row.get(0), row.get(1))
 }
 

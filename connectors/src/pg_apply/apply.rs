@@ -40,7 +40,11 @@ pub struct GroupLimits {
 
 impl Default for GroupLimits {
     fn default() -> Self {
-        Self { max_transactions: 2000, max_rows: 50_000, max_age: Duration::from_millis(200) }
+        Self {
+            max_transactions: 2000,
+            max_rows: 50_000,
+            max_age: Duration::from_millis(200),
+        }
     }
 }
 
@@ -106,7 +110,10 @@ impl Applier {
         Self {
             client,
             job: job.to_string(),
-            plans: plans.into_iter().map(|p| (p.source_name().clone(), p)).collect(),
+            plans: plans
+                .into_iter()
+                .map(|p| (p.source_name().clone(), p))
+                .collect(),
             snapshot_lsn,
             relations: HashMap::new(),
             limits,
@@ -169,13 +176,22 @@ impl Applier {
                 source_index.push(idx);
             }
         }
-        self.relations.insert(rel.oid, RelationMap { name, plan, source_index });
+        self.relations.insert(
+            rel.oid,
+            RelationMap {
+                name,
+                plan,
+                source_index,
+            },
+        );
         Ok(())
     }
 
     pub fn begin(&mut self, begin: &Begin) -> Result<()> {
         let skip = begin.final_lsn <= self.committed.commit_lsn
-            || self.last_in_group.is_some_and(|l| begin.final_lsn <= l.commit_lsn);
+            || self
+                .last_in_group
+                .is_some_and(|l| begin.final_lsn <= l.commit_lsn);
         self.txn = Some((begin.final_lsn, skip));
         Ok(())
     }
@@ -183,7 +199,9 @@ impl Applier {
     /// The relation map for a change, when the change must be applied.
     fn target_for(&mut self, oid: u32) -> Result<Option<(Arc<TablePlan>, Vec<usize>)>> {
         let Some((commit_lsn, skip)) = self.txn else {
-            return Err(Error::transient("replication stream sent a change outside a transaction"));
+            return Err(Error::transient(
+                "replication stream sent a change outside a transaction",
+            ));
         };
         if skip {
             return Ok(None);
@@ -199,7 +217,11 @@ impl Applier {
             }
             return Ok(None);
         };
-        let from = self.snapshot_lsn.get(plan.source_name()).copied().unwrap_or(Lsn::ZERO);
+        let from = self
+            .snapshot_lsn
+            .get(plan.source_name())
+            .copied()
+            .unwrap_or(Lsn::ZERO);
         if commit_lsn < from {
             // The table's copy was taken after this transaction committed: it is in there.
             return Ok(None);
@@ -207,7 +229,7 @@ impl Applier {
         Ok(Some((plan, rel.source_index.clone())))
     }
 
-    async fn ensure_group(&mut self) -> Result<()> {
+    fn ensure_group(&mut self) {
         if !self.in_group {
             self.in_group = true;
             self.group_started = Instant::now();
@@ -215,7 +237,6 @@ impl Applier {
             self.group_rows = 0;
             self.sql.push_str("BEGIN; SET CONSTRAINTS ALL DEFERRED;");
         }
-        Ok(())
     }
 
     fn close_statement(&mut self) {
@@ -244,7 +265,10 @@ impl Applier {
     }
 
     fn apply_error(&self, e: tokio_postgres::Error) -> Error {
-        let upto = self.txn.map(|t| t.0).or(self.last_in_group.map(|l| l.commit_lsn));
+        let upto = self
+            .txn
+            .map(|t| t.0)
+            .or(self.last_in_group.map(|l| l.commit_lsn));
         let what = match upto {
             Some(lsn) => format!("apply source transactions up to commit LSN {lsn}"),
             None => "apply source transactions".to_string(),
@@ -256,12 +280,20 @@ impl Applier {
         err
     }
 
-    fn push_value(sql: &mut String, value: &ColumnValue, table: &TableName, column: &str) -> Result<()> {
+    fn push_value(
+        sql: &mut String,
+        value: &ColumnValue,
+        table: &TableName,
+        column: &str,
+    ) -> Result<()> {
         match value {
             ColumnValue::Null => sql.push_str("NULL"),
             ColumnValue::Text(bytes) => {
                 let text = std::str::from_utf8(bytes).map_err(|_| {
-                    Error::operator(format!("invalid UTF-8 in column {table}.{}", quote_ident(column)))
+                    Error::operator(format!(
+                        "invalid UTF-8 in column {table}.{}",
+                        quote_ident(column)
+                    ))
                 })?;
                 sql.push_str(&quote_literal(text));
             }
@@ -272,7 +304,9 @@ impl Applier {
                 )));
             }
             ColumnValue::Binary(_) => {
-                return Err(Error::operator("the stream sent a binary value; cutover asks for text"));
+                return Err(Error::operator(
+                    "the stream sent a binary value; cutover asks for text",
+                ));
             }
         }
         Ok(())
@@ -280,13 +314,17 @@ impl Applier {
 
     fn value<'a>(tuple: &'a TupleData, idx: usize, table: &TableName) -> Result<&'a ColumnValue> {
         tuple.columns.get(idx).ok_or_else(|| {
-            Error::operator(format!("a row of {table} has fewer columns than its Relation message"))
+            Error::operator(format!(
+                "a row of {table} has fewer columns than its Relation message"
+            ))
         })
     }
 
     pub async fn insert(&mut self, ins: &Insert) -> Result<()> {
-        let Some((plan, idx)) = self.target_for(ins.oid)? else { return Ok(()) };
-        self.ensure_group().await?;
+        let Some((plan, idx)) = self.target_for(ins.oid)? else {
+            return Ok(());
+        };
+        self.ensure_group();
         let extend = matches!(self.open, Some(OpenStatement::Insert { oid, rows }) if oid == ins.oid && rows < MAX_ROWS_PER_STATEMENT);
         if extend {
             self.sql.push_str(",(");
@@ -308,8 +346,14 @@ impl Applier {
         }
         self.sql.push(')');
         self.open = Some(match self.open {
-            Some(OpenStatement::Insert { oid, rows }) if extend => OpenStatement::Insert { oid, rows: rows + 1 },
-            _ => OpenStatement::Insert { oid: ins.oid, rows: 1 },
+            Some(OpenStatement::Insert { oid, rows }) if extend => OpenStatement::Insert {
+                oid,
+                rows: rows + 1,
+            },
+            _ => OpenStatement::Insert {
+                oid: ins.oid,
+                rows: 1,
+            },
         });
         self.group_rows += 1;
         self.maybe_flush().await
@@ -318,7 +362,13 @@ impl Applier {
     /// `WHERE` conditions that find the row `tuple` on the target: the key columns, or for
     /// a table without a key every column (with `IS NOT DISTINCT FROM`; by text form for
     /// types without equality; columns the stream left out are skipped).
-    fn push_match(sql: &mut String, plan: &TablePlan, idx: &[usize], tuple: &TupleData, keyed: bool) -> Result<()> {
+    fn push_match(
+        sql: &mut String,
+        plan: &TablePlan,
+        idx: &[usize],
+        tuple: &TupleData,
+        keyed: bool,
+    ) -> Result<()> {
         let mut first = true;
         for (j, c) in plan.columns.iter().enumerate() {
             if keyed && !c.key {
@@ -349,7 +399,11 @@ impl Applier {
             } else {
                 sql.push_str(&quote_ident(&c.target));
             }
-            sql.push_str(if keyed { " = " } else { " IS NOT DISTINCT FROM " });
+            sql.push_str(if keyed {
+                " = "
+            } else {
+                " IS NOT DISTINCT FROM "
+            });
             Self::push_value(sql, v, plan.source_name(), &c.source)?;
         }
         if first {
@@ -359,8 +413,10 @@ impl Applier {
     }
 
     pub async fn update(&mut self, upd: &Update) -> Result<()> {
-        let Some((plan, idx)) = self.target_for(upd.oid)? else { return Ok(()) };
-        self.ensure_group().await?;
+        let Some((plan, idx)) = self.target_for(upd.oid)? else {
+            return Ok(());
+        };
+        self.ensure_group();
         self.close_statement();
         let keyed = plan.keyed();
         let mut set = String::new();
@@ -390,7 +446,10 @@ impl Applier {
                     "an update of {} arrived without the old row",
                     plan.source_name()
                 ))
-                .hint(format!("run ALTER TABLE {} REPLICA IDENTITY FULL on the source", plan.source_name().quoted())));
+                .hint(format!(
+                    "run ALTER TABLE {} REPLICA IDENTITY FULL on the source",
+                    plan.source_name().quoted()
+                )));
             };
             let _ = write!(
                 self.sql,
@@ -405,18 +464,30 @@ impl Applier {
     }
 
     pub async fn delete(&mut self, del: &Delete) -> Result<()> {
-        let Some((plan, idx)) = self.target_for(del.oid)? else { return Ok(()) };
-        self.ensure_group().await?;
+        let Some((plan, idx)) = self.target_for(del.oid)? else {
+            return Ok(());
+        };
+        self.ensure_group();
         let target = plan.target_name().quoted();
         let old = del.old.tuple();
         if plan.keyed() {
-            let keys: Vec<usize> = plan.columns.iter().enumerate().filter(|(_, c)| c.key).map(|(j, _)| j).collect();
+            let keys: Vec<usize> = plan
+                .columns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.key)
+                .map(|(j, _)| j)
+                .collect();
             let extend = matches!(self.open, Some(OpenStatement::Delete { oid, rows }) if oid == del.oid && rows < MAX_ROWS_PER_STATEMENT);
             if extend {
                 self.sql.push(',');
             } else {
                 self.close_statement();
-                let cols = keys.iter().map(|&j| quote_ident(&plan.columns[j].target)).collect::<Vec<_>>().join(",");
+                let cols = keys
+                    .iter()
+                    .map(|&j| quote_ident(&plan.columns[j].target))
+                    .collect::<Vec<_>>()
+                    .join(",");
                 let _ = write!(self.sql, "DELETE FROM {target} WHERE ({cols}) IN (");
             }
             self.sql.push('(');
@@ -432,12 +503,23 @@ impl Applier {
                         quote_ident(&plan.columns[j].source)
                     )));
                 }
-                Self::push_value(&mut self.sql, v, plan.source_name(), &plan.columns[j].source)?;
+                Self::push_value(
+                    &mut self.sql,
+                    v,
+                    plan.source_name(),
+                    &plan.columns[j].source,
+                )?;
             }
             self.sql.push(')');
             self.open = Some(match self.open {
-                Some(OpenStatement::Delete { oid, rows }) if extend => OpenStatement::Delete { oid, rows: rows + 1 },
-                _ => OpenStatement::Delete { oid: del.oid, rows: 1 },
+                Some(OpenStatement::Delete { oid, rows }) if extend => OpenStatement::Delete {
+                    oid,
+                    rows: rows + 1,
+                },
+                _ => OpenStatement::Delete {
+                    oid: del.oid,
+                    rows: 1,
+                },
             });
         } else {
             self.close_statement();
@@ -462,7 +544,7 @@ impl Applier {
         if targets.is_empty() {
             return Ok(());
         }
-        self.ensure_group().await?;
+        self.ensure_group();
         self.close_statement();
         let _ = write!(self.sql, "TRUNCATE {}", targets.join(", "));
         if tr.restart_identity() {
@@ -473,27 +555,36 @@ impl Applier {
         }
         self.sql.push(';');
         self.group_rows += 1;
-        Ok(())
+        self.maybe_flush().await
     }
 
     /// The end of a source transaction. Returns the progress now durable on the target
     /// when this commit ended a target transaction.
     pub async fn commit(&mut self, commit: &Commit) -> Result<Option<Progress>> {
         let Some((_, skip)) = self.txn.take() else {
-            return Err(Error::transient("replication stream sent a commit outside a transaction"));
+            return Err(Error::transient(
+                "replication stream sent a commit outside a transaction",
+            ));
         };
         if skip {
             return Ok(None);
         }
-        let progress = Progress { commit_lsn: commit.commit_lsn, end_lsn: commit.end_lsn };
+        let progress = Progress {
+            commit_lsn: commit.commit_lsn,
+            end_lsn: commit.end_lsn,
+        };
         if !self.in_group {
             // A transaction with no change for us (filtered or unmapped): nothing to write,
             // yet its position counts as applied once everything before it is.
-            self.ensure_group().await?;
+            self.ensure_group();
         }
         self.group_txns += 1;
         self.last_in_group = Some(progress);
-        if self.group_full() { self.flush().await } else { Ok(None) }
+        if self.group_full() {
+            self.flush().await
+        } else {
+            Ok(None)
+        }
     }
 
     /// Commit the open target transaction, if any, with the progress row. Returns the
@@ -517,7 +608,8 @@ impl Applier {
         );
         let started = Instant::now();
         self.send().await?;
-        metrics::histogram!("cutover_apply_batch_duration_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("cutover_apply_batch_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
         self.in_group = false;
         self.committed = last;
         self.last_in_group = None;

@@ -25,7 +25,10 @@ pub struct CopyChunk {
 }
 
 impl CopyChunk {
-    pub const WHOLE: CopyChunk = CopyChunk { lower_page: None, upper_page: None };
+    pub const WHOLE: CopyChunk = CopyChunk {
+        lower_page: None,
+        upper_page: None,
+    };
 
     fn predicate(&self) -> Option<String> {
         let mut parts = Vec::new();
@@ -65,7 +68,13 @@ pub async fn truncate_target(target: &Client, plan: &TablePlan) -> Result<()> {
     target
         .batch_execute(&format!("TRUNCATE {}", plan.target_name().quoted()))
         .await
-        .map_err(|e| Error::from_pg(&format!("truncate {}", plan.target_name()), "the target", &e))
+        .map_err(|e| {
+            Error::from_pg(
+                &format!("truncate {}", plan.target_name()),
+                "the target",
+                &e,
+            )
+        })
 }
 
 /// Copy one chunk of `plan`'s table from the snapshot `snapshot_name` into the target, and
@@ -81,14 +90,29 @@ pub async fn copy_chunk(
     bytes: &AtomicU64,
 ) -> Result<u64> {
     let src_err = |e: tokio_postgres::Error| {
-        Error::from_pg(&format!("copy {} out", plan.source_name()), "the source", &e)
+        Error::from_pg(
+            &format!("copy {} out", plan.source_name()),
+            "the source",
+            &e,
+        )
     };
     let tgt_err = |e: tokio_postgres::Error| {
-        Error::from_pg(&format!("copy into {}", plan.target_name()), "the target", &e)
+        Error::from_pg(
+            &format!("copy into {}", plan.target_name()),
+            "the target",
+            &e,
+        )
     };
     let format = if plan.binary_copy { "binary" } else { "text" };
-    let only = if plan.source.relkind == 'r' { "ONLY " } else { "" };
-    let filter = chunk.predicate().map(|p| format!(" WHERE {p}")).unwrap_or_default();
+    let only = if plan.source.relkind == 'r' {
+        "ONLY "
+    } else {
+        ""
+    };
+    let filter = chunk
+        .predicate()
+        .map(|p| format!(" WHERE {p}"))
+        .unwrap_or_default();
     let out_sql = format!(
         "COPY (SELECT {} FROM {only}{}{filter}) TO STDOUT (FORMAT {format})",
         plan.source_column_list(),
@@ -111,7 +135,10 @@ pub async fn copy_chunk(
     let tgt_tx = target.transaction().await.map_err(tgt_err)?;
 
     let out = src_tx.copy_out(&out_sql).await.map_err(src_err)?;
-    let sink = tgt_tx.copy_in::<_, bytes::Bytes>(&in_sql).await.map_err(tgt_err)?;
+    let sink = tgt_tx
+        .copy_in::<_, bytes::Bytes>(&in_sql)
+        .await
+        .map_err(tgt_err)?;
     futures_util::pin_mut!(out);
     futures_util::pin_mut!(sink);
     while let Some(chunk) = out.next().await {
@@ -123,7 +150,10 @@ pub async fn copy_chunk(
     src_tx.commit().await.map_err(src_err)?;
     let source_table = plan.source_name().to_string();
     tgt_tx
-        .execute(MARK_DONE_SQL, &[&job, &source_table, &(rows as i64), &false])
+        .execute(
+            MARK_DONE_SQL,
+            &[&job, &source_table, &(rows as i64), &false],
+        )
         .await
         .map_err(tgt_err)?;
     tgt_tx.commit().await.map_err(tgt_err)?;

@@ -16,4 +16,6 @@ mod state;
 pub use apply::{Applier, ApplyStats, GroupLimits};
 pub use copy::{CopyChunk, copy_chunk, mark_done, plan_chunks, truncate_target};
 pub use plan::{ColumnMap, TablePlan};
-pub use state::{Progress, TableState, ensure_state_schema, mark_table_started, read_progress, read_table_states};
+pub use state::{
+    Progress, TableState, ensure_state_schema, mark_table_started, read_progress, read_table_states,
+};

@@ -72,7 +72,7 @@ impl TablePlan {
                 source.name, target.name
             )));
         }
-        if !target.key_columns().next().is_some() && source.replica_identity != 'f' {
+        if target.key_columns().next().is_none() && source.replica_identity != 'f' {
             return Err(Error::operator(format!(
                 "table {} has no primary key on the target and no REPLICA IDENTITY FULL on the source",
                 target.name
@@ -82,7 +82,12 @@ impl TablePlan {
                 source.name.quoted()
             )));
         }
-        Ok(Self { source, target, columns, binary_copy })
+        Ok(Self {
+            source,
+            target,
+            columns,
+            binary_copy,
+        })
     }
 
     pub fn source_name(&self) -> &TableName {
@@ -100,11 +105,19 @@ impl TablePlan {
 
     /// `"a", "b"` of the source columns, in mapping order.
     pub fn source_column_list(&self) -> String {
-        self.columns.iter().map(|c| quote_ident(&c.source)).collect::<Vec<_>>().join(", ")
+        self.columns
+            .iter()
+            .map(|c| quote_ident(&c.source))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// `"a", "b"` of the target columns, in mapping order.
     pub fn target_column_list(&self) -> String {
-        self.columns.iter().map(|c| quote_ident(&c.target)).collect::<Vec<_>>().join(", ")
+        self.columns
+            .iter()
+            .map(|c| quote_ident(&c.target))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }

@@ -28,7 +28,9 @@ pub enum StreamEvent {
     /// Any other pgoutput message (Relation, Insert, Update, Delete, Truncate, Type, Origin).
     Message(LogicalMessage),
     /// The server is alive and has sent everything up to `wal_end`.
-    KeepAlive { wal_end: Lsn },
+    KeepAlive {
+        wal_end: Lsn,
+    },
 }
 
 /// A replication session that has not started streaming: replication commands such as
@@ -53,13 +55,22 @@ fn to_lsn(l: pgwire_replication::Lsn) -> Lsn {
 }
 
 fn wire_error(what: &str, endpoint: &str, e: pgwire_replication::PgWireError) -> Error {
-    let class = if e.is_transient() || e.is_io() { ErrorClass::Transient } else { ErrorClass::NeedsOperator };
+    let class = if e.is_transient() || e.is_io() {
+        ErrorClass::Transient
+    } else {
+        ErrorClass::NeedsOperator
+    };
     let text = e.to_string();
-    let mut err = Error::operator(format!("could not {what} on {endpoint}: {}", lowercase_first(&text)));
+    let mut err = Error::operator(format!(
+        "could not {what} on {endpoint}: {}",
+        lowercase_first(&text)
+    ));
     err.class = class;
     if e.is_auth() {
         err.class = ErrorClass::NeedsOperator;
-        err.hint = Some("check the user and the password; the user needs the REPLICATION attribute".into());
+        err.hint = Some(
+            "check the user and the password; the user needs the REPLICATION attribute".into(),
+        );
     } else if text.contains("must be superuser or replication role")
         || text.contains("permission denied to start WAL sender")
         || text.contains("REPLICATION attribute")
@@ -88,7 +99,11 @@ fn config(
     start: Lsn,
     application_name: &str,
 ) -> ReplicationConfig {
-    let password = params.password.as_ref().map(|p| p.expose().to_string()).unwrap_or_default();
+    let password = params
+        .password
+        .as_ref()
+        .map(|p| p.expose().to_string())
+        .unwrap_or_default();
     ReplicationConfig::new(
         params.host.clone(),
         params.user.clone(),
@@ -133,28 +148,41 @@ impl ReplicationSession {
     /// `name` must already be a valid slot name (`[a-z0-9_]{1,63}`): replication commands
     /// take it unquoted.
     pub async fn create_slot(&mut self, name: &str, temporary: bool) -> Result<CreatedSlot> {
-        debug_assert!(name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'));
+        debug_assert!(
+            name.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        );
         let sql = format!(
             "CREATE_REPLICATION_SLOT {name}{} LOGICAL pgoutput (SNAPSHOT 'export')",
             if temporary { " TEMPORARY" } else { "" }
         );
-        let rows = self
-            .client
-            .simple_query(&sql)
-            .await
-            .map_err(|e| wire_error(&format!("create replication slot \"{name}\""), &self.endpoint, e))?;
+        let rows = self.client.simple_query(&sql).await.map_err(|e| {
+            wire_error(
+                &format!("create replication slot \"{name}\""),
+                &self.endpoint,
+                e,
+            )
+        })?;
         let row = rows.first().ok_or_else(|| {
-            Error::transient(format!("CREATE_REPLICATION_SLOT on {} returned no row", self.endpoint))
+            Error::transient(format!(
+                "CREATE_REPLICATION_SLOT on {} returned no row",
+                self.endpoint
+            ))
         })?;
         let text = |i: usize| -> Option<String> {
-            row.get(i).and_then(|v| v.as_ref()).map(|b| String::from_utf8_lossy(b).into_owned())
+            row.get(i)
+                .and_then(|v| v.as_ref())
+                .map(|b| String::from_utf8_lossy(b).into_owned())
         };
-        let consistent_point = text(1)
-            .and_then(|s| s.parse::<Lsn>().ok())
-            .ok_or_else(|| Error::transient("CREATE_REPLICATION_SLOT returned no consistent point"))?;
+        let consistent_point = text(1).and_then(|s| s.parse::<Lsn>().ok()).ok_or_else(|| {
+            Error::transient("CREATE_REPLICATION_SLOT returned no consistent point")
+        })?;
         let snapshot_name = text(2)
             .ok_or_else(|| Error::transient("CREATE_REPLICATION_SLOT returned no snapshot name"))?;
-        Ok(CreatedSlot { consistent_point, snapshot_name })
+        Ok(CreatedSlot {
+            consistent_point,
+            snapshot_name,
+        })
     }
 
     /// Start streaming from the slot. `confirmed` is what the target has durably applied:
@@ -196,21 +224,25 @@ impl ReplicationStream {
                 .map_err(|e| wire_error("receive the replication stream", &self.endpoint, e))?;
             let Some(event) = event else { return Ok(None) };
             let out = match event {
-                ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
-                    StreamEvent::Begin(Begin {
-                        final_lsn: to_lsn(final_lsn),
-                        commit_timestamp: commit_time_micros,
-                        xid,
-                    })
-                }
-                ReplicationEvent::Commit { lsn, end_lsn, commit_time_micros } => {
-                    StreamEvent::Commit(Commit {
-                        flags: 0,
-                        commit_lsn: to_lsn(lsn),
-                        end_lsn: to_lsn(end_lsn),
-                        commit_timestamp: commit_time_micros,
-                    })
-                }
+                ReplicationEvent::Begin {
+                    final_lsn,
+                    xid,
+                    commit_time_micros,
+                } => StreamEvent::Begin(Begin {
+                    final_lsn: to_lsn(final_lsn),
+                    commit_timestamp: commit_time_micros,
+                    xid,
+                }),
+                ReplicationEvent::Commit {
+                    lsn,
+                    end_lsn,
+                    commit_time_micros,
+                } => StreamEvent::Commit(Commit {
+                    flags: 0,
+                    commit_lsn: to_lsn(lsn),
+                    end_lsn: to_lsn(end_lsn),
+                    commit_timestamp: commit_time_micros,
+                }),
                 ReplicationEvent::XLogData { data, .. } => {
                     let msg = decode::decode_bytes(&data, self.in_stream).map_err(|e| {
                         Error::operator(format!("could not decode the replication stream: {e}"))
@@ -223,9 +255,9 @@ impl ReplicationStream {
                     }
                     StreamEvent::Message(msg)
                 }
-                ReplicationEvent::KeepAlive { wal_end, .. } => {
-                    StreamEvent::KeepAlive { wal_end: to_lsn(wal_end) }
-                }
+                ReplicationEvent::KeepAlive { wal_end, .. } => StreamEvent::KeepAlive {
+                    wal_end: to_lsn(wal_end),
+                },
                 // Logical decoding messages (pg_logical_emit_message) carry no row changes.
                 ReplicationEvent::Message { .. } => continue,
                 ReplicationEvent::StoppedAt { .. } => return Ok(None),
@@ -239,7 +271,8 @@ impl ReplicationStream {
     /// server asks).
     pub fn confirm(&mut self, lsn: Lsn) {
         self.last_confirm = self.last_confirm.max(lsn);
-        self.client.update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.0));
+        self.client
+            .update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.0));
     }
 
     /// The last position the server was told about in a standby status update.

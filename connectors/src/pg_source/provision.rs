@@ -70,7 +70,10 @@ pub fn check_slot_usable(slot: &str, state: &SlotState, dbname: &str) -> Result<
             .hint("the target can no longer be kept exact from this slot: run \"cutover teardown\", clear the target tables, and run the job again to copy a fresh snapshot"));
     }
     if state.active {
-        let pid = state.active_pid.map(|p| p.to_string()).unwrap_or_else(|| "?".into());
+        let pid = state
+            .active_pid
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "?".into());
         return Err(Error::transient(format!(
             "replication slot \"{slot}\" is active for PID {pid}"
         ))
@@ -95,7 +98,11 @@ pub fn check_slot_usable(slot: &str, state: &SlotState, dbname: &str) -> Result<
 /// Create the job's publication for `tables`, or add tables it lacks. Tables already in it
 /// that the job no longer names are left alone (dropping them could lose a table someone
 /// else relies on); status reports them.
-pub async fn ensure_publication(client: &Client, publication: &str, tables: &[TableName]) -> Result<()> {
+pub async fn ensure_publication(
+    client: &Client,
+    publication: &str,
+    tables: &[TableName],
+) -> Result<()> {
     let existing = client
         .query(
             "SELECT schemaname::text, tablename::text FROM pg_catalog.pg_publication_tables \
@@ -105,12 +112,17 @@ pub async fn ensure_publication(client: &Client, publication: &str, tables: &[Ta
         .await
         .map_err(|e| Error::from_pg("read the publication", "the source", &e))?;
     let exists = client
-        .query_opt("SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1", &[&publication])
+        .query_opt(
+            "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
         .await
         .map_err(|e| Error::from_pg("read the publication", "the source", &e))?
         .is_some();
-    let have: std::collections::HashSet<TableName> =
-        existing.iter().map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1))).collect();
+    let have: std::collections::HashSet<TableName> = existing
+        .iter()
+        .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
+        .collect();
     let list = |ts: &[&TableName]| ts.iter().map(|t| t.quoted()).collect::<Vec<_>>().join(", ");
     if !exists {
         let all: Vec<&TableName> = tables.iter().collect();
@@ -130,11 +142,18 @@ pub async fn ensure_publication(client: &Client, publication: &str, tables: &[Ta
     }
     let missing: Vec<&TableName> = tables.iter().filter(|t| !have.contains(t)).collect();
     if !missing.is_empty() {
-        let sql = format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(publication), list(&missing));
-        client
-            .batch_execute(&sql)
-            .await
-            .map_err(|e| Error::from_pg(&format!("add tables to publication \"{publication}\""), "the source", &e))?;
+        let sql = format!(
+            "ALTER PUBLICATION {} ADD TABLE {}",
+            quote_ident(publication),
+            list(&missing)
+        );
+        client.batch_execute(&sql).await.map_err(|e| {
+            Error::from_pg(
+                &format!("add tables to publication \"{publication}\""),
+                "the source",
+                &e,
+            )
+        })?;
     }
     Ok(())
 }
@@ -151,14 +170,26 @@ pub async fn drop_objects(client: &Client, slot: &str, publication: &str) -> Res
         .map_err(|e| Error::from_pg(&format!("drop replication slot \"{slot}\""), "the source", &e))?
         .is_some();
     let had_pub = client
-        .query_opt("SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1", &[&publication])
+        .query_opt(
+            "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
         .await
         .map_err(|e| Error::from_pg("read the publication", "the source", &e))?
         .is_some();
     client
-        .batch_execute(&format!("DROP PUBLICATION IF EXISTS {}", quote_ident(publication)))
+        .batch_execute(&format!(
+            "DROP PUBLICATION IF EXISTS {}",
+            quote_ident(publication)
+        ))
         .await
-        .map_err(|e| Error::from_pg(&format!("drop publication \"{publication}\""), "the source", &e))?;
+        .map_err(|e| {
+            Error::from_pg(
+                &format!("drop publication \"{publication}\""),
+                "the source",
+                &e,
+            )
+        })?;
     Ok((dropped_slot, had_pub))
 }
 
@@ -195,7 +226,11 @@ pub async fn blocking_backends(client: &Client, own_application_name: &str) -> R
 
 /// End our own walsender that is still waiting in `CREATE_REPLICATION_SLOT`, so it cannot
 /// finish creating the slot after we gave up, then drop the slot if it appeared anyway.
-pub async fn cancel_slot_creation(client: &Client, application_name: &str, slot: &str) -> Result<()> {
+pub async fn cancel_slot_creation(
+    client: &Client,
+    application_name: &str,
+    slot: &str,
+) -> Result<()> {
     client
         .query(
             "SELECT pg_catalog.pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity \
@@ -237,5 +272,6 @@ pub async fn current_wal_lsn(client: &Client) -> Result<Lsn> {
         .await
         .map_err(|e| Error::from_pg("read the WAL position", "the source", &e))?;
     let text: String = row.get(0);
-    text.parse().map_err(|_| Error::transient(format!("unexpected WAL position \"{text}\"")))
+    text.parse()
+        .map_err(|_| Error::transient(format!("unexpected WAL position \"{text}\"")))
 }

@@ -1,0 +1,220 @@
+//! Crashes and restarts: `kill -9` of the daemon during the snapshot and during streaming,
+//! immediate restarts of the source and of the target. After each, the target must equal
+//! the source exactly: nothing lost, nothing applied twice (a table without a key shows
+//! duplicates as extra rows in the multiset comparison).
+
+mod support;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use cutover::cluster::{Cluster, StopMode};
+use support::*;
+
+const SCHEMA: &str = "
+CREATE TABLE public.counters (id int PRIMARY KEY, n bigint NOT NULL, touched timestamptz);
+CREATE TABLE public.journal (op bigint NOT NULL, note text);
+ALTER TABLE public.journal REPLICA IDENTITY FULL;
+CREATE TABLE public.big (id bigint PRIMARY KEY, pad text);
+";
+
+const TIMEOUT: Duration = Duration::from_secs(90);
+
+/// A writer on the source: each transaction bumps a counter and appends a journal row
+/// (no key: a duplicate apply would show as an extra row). It reconnects through source
+/// restarts and counts its commits.
+fn start_writer(
+    src: &Cluster,
+    stop: Arc<AtomicBool>,
+) -> (tokio::task::JoinHandle<u64>, Arc<AtomicU64>) {
+    let cfg = src.client_config("db");
+    let done = Arc::new(AtomicU64::new(0));
+    let counter = done.clone();
+    let handle = tokio::spawn(async move {
+        let mut op: u64 = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((client, conn)) = cfg.connect(tokio_postgres::NoTls).await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            tokio::spawn(conn);
+            while !stop.load(Ordering::Relaxed) {
+                op += 1;
+                let sql = format!(
+                    "BEGIN; UPDATE counters SET n = n + 1, touched = now() WHERE id = {}; \
+                     INSERT INTO journal VALUES ({op}, 'op {op}'); COMMIT;",
+                    op % 10
+                );
+                if client.batch_execute(&sql).await.is_err() {
+                    break;
+                }
+                counter.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        op
+    });
+    (handle, done)
+}
+
+async fn setup(
+    big_rows: i64,
+) -> (
+    Cluster,
+    Cluster,
+    tokio_postgres::Client,
+    tokio_postgres::Client,
+) {
+    let (src, dst) = tokio::join!(cluster("fault-src"), cluster("fault-dst"));
+    src.create_database("db").await.unwrap();
+    dst.create_database("db").await.unwrap();
+    src.execute("db", SCHEMA).await.unwrap();
+    dst.execute("db", SCHEMA).await.unwrap();
+    src.execute(
+        "db",
+        &format!(
+            "INSERT INTO counters SELECT g, 0, NULL FROM generate_series(0, 9) g;
+             INSERT INTO big SELECT g, repeat('x', 200) FROM generate_series(1, {big_rows}) g;"
+        ),
+    )
+    .await
+    .unwrap();
+    let s = src.connect("db").await.unwrap();
+    let d = dst.connect("db").await.unwrap();
+    (src, dst, s, d)
+}
+
+async fn assert_equal(s: &tokio_postgres::Client, d: &tokio_postgres::Client, daemon: &Daemon) {
+    wait_equal(
+        s,
+        d,
+        "public.counters",
+        "public.counters",
+        TIMEOUT,
+        Some(daemon),
+    )
+    .await;
+    wait_equal(
+        s,
+        d,
+        "public.journal",
+        "public.journal",
+        TIMEOUT,
+        Some(daemon),
+    )
+    .await;
+    wait_equal_digest(s, d, "public.big", "public.big", TIMEOUT, Some(daemon)).await;
+}
+
+async fn wait_progress(writer_done: &AtomicU64, more: u64) {
+    let start = writer_done.load(Ordering::Relaxed);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while writer_done.load(Ordering::Relaxed) < start + more {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer made no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_during_streaming_loses_and_duplicates_nothing() {
+    let (src, dst, s, d) = setup(1000).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (writer, done) = start_writer(&src, stop.clone());
+    let job = Job::write("kill-stream", &src.url("db"), &dst.url("db"), "");
+    let mut daemon = Daemon::start(&job);
+    daemon.wait_phase("streaming", TIMEOUT).await;
+    for _ in 0..3 {
+        wait_progress(&done, 100).await;
+        daemon.kill9();
+        wait_progress(&done, 50).await;
+        daemon = Daemon::start(&job);
+        daemon.wait_phase("streaming", TIMEOUT).await;
+    }
+    wait_progress(&done, 100).await;
+    stop.store(true, Ordering::Relaxed);
+    let ops = writer.await.unwrap();
+    assert!(ops > 300);
+    assert_equal(&s, &d, &daemon).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_during_the_snapshot_then_restart() {
+    let (src, dst, s, d) = setup(400_000).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (writer, done) = start_writer(&src, stop.clone());
+    let job = Job::write("kill-snap", &src.url("db"), &dst.url("db"), "");
+    let mut daemon = Daemon::start(&job);
+    // Kill once the big table's copy has started moving bytes.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        if let Some(st) = daemon.status().await {
+            let copying = st["tables"].as_array().is_some_and(|ts| {
+                ts.iter().any(|t| {
+                    t["source"] == "public.big"
+                        && t["bytes_copied"].as_u64().unwrap_or(0) > 0
+                        && t["snapshot_done"] == false
+                })
+            });
+            if copying {
+                break;
+            }
+            assert_ne!(
+                st["phase"], "streaming",
+                "the copy finished before the kill; make the table bigger"
+            );
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", daemon.output());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.kill9();
+    wait_progress(&done, 50).await;
+    let mut daemon = Daemon::start(&job);
+    daemon.wait_phase("streaming", TIMEOUT).await;
+    wait_progress(&done, 100).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    assert_equal(&s, &d, &daemon).await;
+    // No temporary slot and no stray objects remain besides the job's slot.
+    let slots: Vec<String> = s
+        .query(
+            "SELECT slot_name::text FROM pg_replication_slots ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(slots, vec!["cutover_kill_snap".to_string()]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn immediate_restarts_of_source_and_target_are_survived() {
+    let (src, dst, _s, _d) = setup(1000).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (writer, done) = start_writer(&src, stop.clone());
+    let job = Job::write("restarts", &src.url("db"), &dst.url("db"), "");
+    let mut daemon = Daemon::start(&job);
+    daemon.wait_phase("streaming", TIMEOUT).await;
+    wait_progress(&done, 100).await;
+    src.restart(StopMode::Immediate).await.unwrap();
+    wait_progress(&done, 100).await;
+    dst.restart(StopMode::Immediate).await.unwrap();
+    wait_progress(&done, 100).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    // Fresh clients: the old ones died with the restarts.
+    let s = src.connect("db").await.unwrap();
+    let d = dst.connect("db").await.unwrap();
+    assert_equal(&s, &d, &daemon).await;
+    assert!(
+        daemon.running(),
+        "the daemon must survive restarts without an operator:\n{}",
+        daemon.output()
+    );
+    drop((s, d));
+}
