@@ -48,6 +48,8 @@ const DEFAULT_SOURCE_TABLES: &str = "public.*";
 const DEFAULT_PARALLELISM: usize = 4;
 const MAX_PARALLELISM: i64 = 64;
 const DEFAULT_VERIFY_EVERY: Duration = Duration::from_secs(10 * 60);
+/// How long creating the slot may wait for open transactions on the source.
+const DEFAULT_SLOT_WAIT: Duration = Duration::from_secs(60);
 const DEFAULT_MAX_LAG: Duration = Duration::from_secs(5);
 const DEFAULT_MAX_VERIFY_AGE: Duration = Duration::from_secs(30 * 60);
 const DEFAULT_LISTEN: &str = "127.0.0.1:7432";
@@ -75,7 +77,7 @@ const KEYS: &[(&str, &[&str])] = &[
     ("source", &["url", "password_env", "tables"]),
     ("target", &["url", "password_env", "schema"]),
     ("table", &["source", "target", "columns", "where"]),
-    ("snapshot", &["mode", "parallelism"]),
+    ("snapshot", &["mode", "parallelism", "slot_wait"]),
     ("verify", &["every"]),
     ("ready", &["max_lag", "max_verify_age"]),
     ("changelog", &["dir"]),
@@ -130,6 +132,7 @@ struct RawTable {
 struct RawSnapshot {
     mode: Option<Value>,
     parallelism: Option<Value>,
+    slot_wait: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -540,6 +543,7 @@ impl Ctx<'_> {
             None => SnapshotSpec {
                 mode: SnapshotMode::Initial,
                 parallelism: DEFAULT_PARALLELISM,
+                slot_wait: DEFAULT_SLOT_WAIT,
             },
         };
         let verify = VerifySpec {
@@ -990,7 +994,16 @@ impl Ctx<'_> {
                 }
             },
         };
-        Ok(SnapshotSpec { mode, parallelism })
+        let slot_wait = self.duration_or(
+            raw.slot_wait.as_ref(),
+            "[snapshot] slot_wait",
+            DEFAULT_SLOT_WAIT,
+        )?;
+        Ok(SnapshotSpec {
+            mode,
+            parallelism,
+            slot_wait,
+        })
     }
 
     fn duration_or(

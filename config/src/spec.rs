@@ -120,6 +120,9 @@ pub struct SnapshotSpec {
     pub mode: SnapshotMode,
     /// Tables (or table ranges) copied at once. Default 4.
     pub parallelism: usize,
+    /// How long creating the replication slot may wait for transactions open on the
+    /// source before it gives up, naming them. Default 60s.
+    pub slot_wait: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -32,9 +32,6 @@ use tokio::sync::watch;
 
 use crate::status::{Phase, StatusHandle, TableStatus};
 
-/// How long `CREATE_REPLICATION_SLOT` may wait for open transactions on the source.
-const SLOT_CREATE_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Everything a job needs that is not in its spec.
 #[derive(Clone)]
 pub struct JobContext {
@@ -130,6 +127,14 @@ async fn resolve_tables(
     if !spec.tables.is_empty() {
         let mut out = Vec::new();
         for t in &spec.tables {
+            if !t.columns.is_empty() || t.filter.is_some() {
+                // Refuse rather than copy something other than what the file asks for.
+                return Err(Error::operator(format!(
+                    "[[table]] {} uses [table.columns] or where, which this version cannot apply yet",
+                    t.source
+                ))
+                .hint("remove them to copy the table as it is, or use a cutover release with column mappings"));
+            }
             let src = TableName::parse(&t.source, "public").ok_or_else(|| {
                 Error::operator(format!(
                     "invalid table name \"{}\" in [[table]] source",
@@ -340,7 +345,8 @@ async fn create_slot(
     let app = ctx.app_name(if temporary { "sync" } else { "slot" });
     let mut session =
         ReplicationSession::connect(&ctx.source, slot, publication, Lsn::ZERO, &app).await?;
-    match tokio::time::timeout(SLOT_CREATE_TIMEOUT, session.create_slot(slot, temporary)).await {
+    let wait = ctx.spec.snapshot.slot_wait;
+    match tokio::time::timeout(wait, session.create_slot(slot, temporary)).await {
         Ok(created) => Ok((session, created?)),
         Err(_) => {
             let blockers = provision::blocking_backends(source, &app)
@@ -350,7 +356,7 @@ async fn create_slot(
             provision::cancel_slot_creation(source, &app, slot).await?;
             Err(Error::operator(format!(
                 "could not create replication slot \"{slot}\": open transactions on the source kept it waiting for {}s",
-                SLOT_CREATE_TIMEOUT.as_secs()
+                wait.as_secs()
             ))
             .detail(if blockers.is_empty() {
                 "no blocking backend was found any more".to_string()
