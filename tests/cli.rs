@@ -7,7 +7,12 @@ fn help_lists_the_contract_commands() {
         .output()
         .expect("run cutover --help");
     let text = String::from_utf8_lossy(&out.stdout);
-    for command in ["check", "run", "status", "ready", "verify", "teardown", "demo"] {
-        assert!(text.contains(command), "--help does not mention {command}:\n{text}");
+    for command in [
+        "check", "run", "status", "ready", "verify", "teardown", "demo",
+    ] {
+        assert!(
+            text.contains(command),
+            "--help does not mention {command}:\n{text}"
+        );
     }
 }

@@ -71,16 +71,37 @@ async fn snapshot_then_every_dml_kind_across_clusters() {
             assert!(body.contains("\"ready\":true"), "{body}");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "never ready: {code} {body}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never ready: {code} {body}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (_, metrics) = daemon.get("/metrics").await.unwrap();
     assert!(metrics.contains("cutover_lag_bytes"), "{metrics}");
     let status = daemon.status().await.unwrap();
-    for field in ["job", "phase", "source_lsn", "applied_lsn", "lag_bytes", "lag_seconds", "tables", "last_verification"] {
-        assert!(status.get(field).is_some(), "status lacks {field}: {status}");
+    for field in [
+        "job",
+        "phase",
+        "source_lsn",
+        "applied_lsn",
+        "lag_bytes",
+        "lag_seconds",
+        "tables",
+        "last_verification",
+    ] {
+        assert!(
+            status.get(field).is_some(),
+            "status lacks {field}: {status}"
+        );
     }
-    assert!(status["tables"].as_array().unwrap().iter().all(|t| t["snapshot_done"] == true));
+    assert!(
+        status["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["snapshot_done"] == true)
+    );
 
     // Every DML kind while streaming.
     s.batch_execute(
@@ -206,7 +227,9 @@ async fn slot_creation_blocked_by_an_open_transaction_fails_cleanly() {
     let (src, dst) = tokio::join!(cluster("block-src"), cluster("block-dst"));
     for c in [&src, &dst] {
         c.create_database("db").await.unwrap();
-        c.execute("db", "CREATE TABLE public.t (id int PRIMARY KEY)").await.unwrap();
+        c.execute("db", "CREATE TABLE public.t (id int PRIMARY KEY)")
+            .await
+            .unwrap();
     }
     let s = src.connect("db").await.unwrap();
     let blocker = src.connect("db").await.unwrap();
@@ -215,7 +238,12 @@ async fn slot_creation_blocked_by_an_open_transaction_fails_cleanly() {
         .batch_execute("SET application_name = 'the-blocker'; BEGIN; INSERT INTO t VALUES (1);")
         .await
         .unwrap();
-    let job = Job::write("blocked", &src.url("db"), &dst.url("db"), "[snapshot]\nslot_wait = \"2s\"");
+    let job = Job::write(
+        "blocked",
+        &src.url("db"),
+        &dst.url("db"),
+        "[snapshot]\nslot_wait = \"2s\"",
+    );
     let mut daemon = Daemon::start(&job);
     let deadline = std::time::Instant::now() + TIMEOUT;
     while daemon.running() {
@@ -223,9 +251,19 @@ async fn slot_creation_blocked_by_an_open_transaction_fails_cleanly() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let out = daemon.output();
-    assert!(out.contains("could not create replication slot \"cutover_blocked\""), "{out}");
-    assert!(out.contains("the-blocker"), "the error must name the blocking backend:\n{out}");
-    let slots: i64 = s.query_one("SELECT count(*) FROM pg_replication_slots", &[]).await.unwrap().get(0);
+    assert!(
+        out.contains("could not create replication slot \"cutover_blocked\""),
+        "{out}"
+    );
+    assert!(
+        out.contains("the-blocker"),
+        "the error must name the blocking backend:\n{out}"
+    );
+    let slots: i64 = s
+        .query_one("SELECT count(*) FROM pg_replication_slots", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(slots, 0, "no half-made slot may be left behind");
     blocker.batch_execute("ROLLBACK").await.unwrap();
 }

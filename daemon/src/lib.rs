@@ -1,3 +1,13 @@
 //! The `cutover` daemon: CLI, supervisor, HTTP API.
 
+pub mod api;
+pub mod api_client;
+pub mod cli;
 pub mod cluster;
+pub mod commands;
+pub mod demo;
+pub mod job;
+pub mod metrics;
+pub mod ready;
+pub mod run;
+pub mod status;
