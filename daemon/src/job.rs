@@ -313,6 +313,15 @@ async fn run_once(ctx: &JobContext) -> Result<Ended> {
                 .await?;
                 pg_apply::mark_done(&target, plan, &spec.name).await?;
                 snapshot_lsn.insert(plan.source_name().clone(), Lsn::ZERO);
+                ctx.status.update(|s| {
+                    if let Some(t) = s
+                        .tables
+                        .iter_mut()
+                        .find(|t| t.source == plan.source_name().to_string())
+                    {
+                        t.snapshot_done = true;
+                    }
+                });
             }
         } else {
             copy_tables(ctx, &target, &pending, point, &snapshot_name).await?;
@@ -771,7 +780,7 @@ mod tests {
     #[test]
     fn rfc3339_formats_utc() {
         assert_eq!(rfc3339(SystemTime::UNIX_EPOCH), "1970-01-01T00:00:00Z");
-        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_680_000);
+        let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1795651200);
         assert_eq!(rfc3339(t), "2026-11-26T00:00:00Z");
     }
 }
