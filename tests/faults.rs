@@ -170,10 +170,36 @@ async fn kill_9_during_the_snapshot_then_restart() {
         assert!(std::time::Instant::now() < deadline, "{}", daemon.output());
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // Tables whose copy finished before the kill must not be copied again.
+    let finished_before: Vec<(String, String)> = d
+        .query(
+            "SELECT source_table, started_at::text FROM cutover.tables WHERE done_at IS NOT NULL ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert!(!finished_before.is_empty(), "no small table finished before the kill");
     daemon.kill9();
     wait_progress(&done, 50).await;
     let mut daemon = Daemon::start(&job);
     daemon.wait_phase("streaming", TIMEOUT).await;
+    for (table, started_at) in &finished_before {
+        let again: String = d
+            .query_one(
+                "SELECT started_at::text FROM cutover.tables WHERE source_table = $1",
+                &[table],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            &again, started_at,
+            "{table} was copied again after the restart"
+        );
+    }
     wait_progress(&done, 100).await;
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();

@@ -19,7 +19,15 @@ fn peak_rss_kib(pid: u32) -> u64 {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn two_million_row_transaction_in_bounded_memory() {
-    let (src, dst) = tokio::join!(cluster("large-src"), cluster("large-dst"));
+    // A short wal_sender_timeout: the walsender must hear from us during the long apply.
+    let (src, dst) = tokio::join!(
+        cutover::cluster::Cluster::start(
+            cutover::cluster::ClusterOptions::named("large-src")
+                .setting("wal_sender_timeout", "3s")
+        ),
+        cluster("large-dst")
+    );
+    let src = src.unwrap();
     for c in [&src, &dst] {
         c.create_database("db").await.unwrap();
         c.execute(
@@ -73,5 +81,10 @@ async fn two_million_row_transaction_in_bounded_memory() {
         .unwrap()
         .get(0);
     assert_eq!(rolled_back, 0);
+    let server_log = std::fs::read_to_string(src.log_path()).unwrap_or_default();
+    assert!(
+        !server_log.contains("replication timeout"),
+        "the walsender timed out during the long apply:\n{server_log}"
+    );
     assert_eq!(daemon.terminate(Duration::from_secs(30)), Some(0));
 }

@@ -267,3 +267,86 @@ async fn slot_creation_blocked_by_an_open_transaction_fails_cleanly() {
     assert_eq!(slots, 0, "no half-made slot may be left behind");
     blocker.batch_execute("ROLLBACK").await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn renamed_target_table_and_idle_slot_follows_the_wal() {
+    let (src, dst) = tokio::join!(cluster("rename-src"), cluster("rename-dst"));
+    src.create_database("db").await.unwrap();
+    src.create_database("other").await.unwrap();
+    dst.create_database("db").await.unwrap();
+    src.execute("db", "CREATE TABLE public.orders (id int PRIMARY KEY, total numeric); INSERT INTO orders SELECT g, g FROM generate_series(1, 100) g;")
+        .await
+        .unwrap();
+    src.execute(
+        "other",
+        "CREATE TABLE noise (id serial PRIMARY KEY, v text)",
+    )
+    .await
+    .unwrap();
+    dst.execute(
+        "db",
+        "CREATE SCHEMA sales; CREATE TABLE sales.orders_v2 (id int PRIMARY KEY, total numeric);",
+    )
+    .await
+    .unwrap();
+    let s = src.connect("db").await.unwrap();
+    let d = dst.connect("db").await.unwrap();
+    let job = Job::write(
+        "rename",
+        &src.url("db"),
+        &dst.url("db"),
+        "[[table]]\nsource = \"public.orders\"\ntarget = \"sales.orders_v2\"\n",
+    );
+    let mut daemon = Daemon::start(&job);
+    daemon.wait_phase("streaming", TIMEOUT).await;
+    s.batch_execute(
+        "UPDATE orders SET total = total * 2 WHERE id < 50; DELETE FROM orders WHERE id > 90;",
+    )
+    .await
+    .unwrap();
+    wait_equal(
+        &s,
+        &d,
+        "public.orders",
+        "sales.orders_v2",
+        TIMEOUT,
+        Some(&daemon),
+    )
+    .await;
+
+    // WAL written elsewhere (another database) while our tables are quiet: the idle job
+    // still confirms the server's WAL end, so the slot does not retain it.
+    let other = src.connect("other").await.unwrap();
+    other
+        .batch_execute(
+            "INSERT INTO noise (v) SELECT repeat('x', 1000) FROM generate_series(1, 20000)",
+        )
+        .await
+        .unwrap();
+    let after: String = other
+        .query_one("SELECT pg_current_wal_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let caught_up: bool = s
+            .query_one(
+                "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots WHERE slot_name = 'cutover_rename'",
+                &[&after],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if caught_up {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the idle slot never moved past {after}:\n{}",
+            daemon.output()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
+}
