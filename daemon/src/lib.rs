@@ -8,6 +8,7 @@ pub mod commands;
 pub mod demo;
 pub mod job;
 pub mod metrics;
+pub mod progress;
 pub mod ready;
 pub mod run;
 pub mod status;

@@ -52,6 +52,7 @@ pub async fn run_job(path: &Path) -> anyhow::Result<Outcome> {
         let _ = api_stop.wait_for(|s| *s).await;
     }));
 
+    let progress = crate::progress::spawn(status.clone());
     let ctx = JobContext {
         spec: Arc::new(spec),
         source,
@@ -60,6 +61,9 @@ pub async fn run_job(path: &Path) -> anyhow::Result<Outcome> {
         shutdown: stop_rx,
     };
     let result = job::run(ctx).await;
+    if let Some(p) = progress {
+        p.abort();
+    }
     api.abort();
     match result {
         Ok(()) => Ok(Outcome::Success),
