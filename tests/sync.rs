@@ -348,5 +348,39 @@ async fn renamed_target_table_and_idle_slot_follows_the_wal() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // Teardown refuses while the job runs, then drops slot and publication, idempotently.
+    let teardown = || {
+        std::process::Command::new(bin())
+            .arg("teardown")
+            .arg(&job.path)
+            .output()
+            .unwrap()
+    };
+    let refused = teardown();
+    assert_eq!(refused.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        err.contains("is in use by PID") && err.lines().count() == 1,
+        "{err}"
+    );
     assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
+    for _ in 0..2 {
+        let out = teardown();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let left: i64 = s
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_publication)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "teardown must leave no slot and no publication");
 }

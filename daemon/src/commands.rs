@@ -40,8 +40,7 @@ pub async fn verify(args: &VerifyArgs) -> anyhow::Result<Outcome> {
 /// `cutover teardown JOB.toml`.
 #[allow(clippy::unused_async, reason = "placeholder body; remove with it")]
 pub async fn teardown(args: &TeardownArgs) -> anyhow::Result<Outcome> {
-    let _ = args;
-    not_implemented("teardown")
+    crate::teardown::teardown(args).await
 }
 
 /// `cutover demo`.

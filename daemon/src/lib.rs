@@ -12,3 +12,4 @@ pub mod progress;
 pub mod ready;
 pub mod run;
 pub mod status;
+pub mod teardown;
