@@ -181,7 +181,10 @@ async fn kill_9_during_the_snapshot_then_restart() {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-    assert!(!finished_before.is_empty(), "no small table finished before the kill");
+    assert!(
+        !finished_before.is_empty(),
+        "no small table finished before the kill"
+    );
     daemon.kill9();
     wait_progress(&done, 50).await;
     let mut daemon = Daemon::start(&job);

@@ -944,7 +944,7 @@ impl Ui {
         if bar.is_none() {
             let b = ProgressBar::with_draw_target(None, ProgressDrawTarget::stdout());
             b.set_style(
-                ProgressStyle::with_template("      {spinner} {msg}")
+                ProgressStyle::with_template("      {spinner} {wide_msg}")
                     .unwrap_or_else(|_| ProgressStyle::default_spinner()),
             );
             b.enable_steady_tick(Duration::from_millis(100));
