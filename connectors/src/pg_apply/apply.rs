@@ -68,8 +68,27 @@ struct RelationMap {
 /// The statement being extended with more rows.
 #[derive(PartialEq, Eq)]
 enum OpenStatement {
-    Insert { oid: u32, rows: usize },
-    Delete { oid: u32, rows: usize },
+    /// A multi-row INSERT: where its text starts in the buffer, and where its first row
+    /// starts (a single-row INSERT is turned into an EXECUTE of a prepared one on close).
+    Insert {
+        oid: u32,
+        rows: usize,
+        start: usize,
+        values: usize,
+    },
+    Delete {
+        oid: u32,
+        rows: usize,
+    },
+}
+
+/// What identifies a prepared statement: the table, the operation and which columns it
+/// sets and matches.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct StatementKey {
+    oid: u32,
+    kind: u8,
+    shape: Vec<u8>,
 }
 
 /// Applies decoded changes to the target.
@@ -95,6 +114,10 @@ pub struct Applier {
     committed: Progress,
     stats: ApplyStats,
     warned_unmapped: std::collections::HashSet<u32>,
+    /// Statements prepared on this session (`PREPARE cutover_N`): updates, keyless deletes
+    /// and single-row inserts run as `EXECUTE` of a generic plan instead of being parsed
+    /// and planned each time.
+    prepared: HashMap<StatementKey, String>,
 }
 
 impl Applier {
@@ -128,6 +151,7 @@ impl Applier {
             committed,
             stats: ApplyStats::default(),
             warned_unmapped: Default::default(),
+            prepared: HashMap::new(),
         }
     }
 
@@ -241,10 +265,64 @@ impl Applier {
 
     fn close_statement(&mut self) {
         match self.open.take() {
+            Some(OpenStatement::Insert {
+                oid,
+                rows: 1,
+                start,
+                values,
+            }) => {
+                // `(v1, v2)` is already the argument list of an EXECUTE.
+                let plan = self.relations.get(&oid).and_then(|r| r.plan.clone());
+                if let Some(plan) = plan {
+                    let key = StatementKey {
+                        oid,
+                        kind: b'I',
+                        shape: Vec::new(),
+                    };
+                    let mut head = String::new();
+                    let name = self.prepare(&mut head, key, || {
+                        let params = (1..=plan.columns.len())
+                            .map(|n| format!("${n}"))
+                            .collect::<Vec<_>>();
+                        let sql = format!(
+                            "INSERT INTO {} ({}) VALUES ({})",
+                            plan.target_name().quoted(),
+                            plan.target_column_list(),
+                            params.join(",")
+                        );
+                        (
+                            sql,
+                            plan.columns.iter().map(|c| c.type_name.clone()).collect(),
+                        )
+                    });
+                    let _ = write!(head, "EXECUTE {name}");
+                    self.sql.replace_range(start..values, &head);
+                }
+                self.sql.push(';');
+            }
             Some(OpenStatement::Insert { .. }) => self.sql.push(';'),
             Some(OpenStatement::Delete { .. }) => self.sql.push_str(");"),
             None => {}
         }
+    }
+
+    /// The name of the prepared statement for `key`, appending its `PREPARE` to `out` the
+    /// first time. `build` gives the statement text (with `$n` parameters) and the
+    /// parameter types.
+    fn prepare(
+        &mut self,
+        out: &mut String,
+        key: StatementKey,
+        build: impl FnOnce() -> (String, Vec<String>),
+    ) -> String {
+        if let Some(name) = self.prepared.get(&key) {
+            return name.clone();
+        }
+        let name = format!("cutover_{}", self.prepared.len() + 1);
+        let (sql, types) = build();
+        let _ = write!(out, "PREPARE {name}({}) AS {sql};", types.join(","));
+        self.prepared.insert(key, name.clone());
+        name
     }
 
     async fn maybe_flush(&mut self) -> Result<()> {
@@ -325,17 +403,21 @@ impl Applier {
             return Ok(());
         };
         self.ensure_group();
-        let extend = matches!(self.open, Some(OpenStatement::Insert { oid, rows }) if oid == ins.oid && rows < MAX_ROWS_PER_STATEMENT);
+        let extend = matches!(self.open, Some(OpenStatement::Insert { oid, rows, .. }) if oid == ins.oid && rows < MAX_ROWS_PER_STATEMENT);
+        let mut offsets = (0, 0);
         if extend {
             self.sql.push_str(",(");
         } else {
             self.close_statement();
+            offsets.0 = self.sql.len();
             let _ = write!(
                 self.sql,
-                "INSERT INTO {} ({}) VALUES (",
+                "INSERT INTO {} ({}) VALUES ",
                 plan.target_name().quoted(),
                 plan.target_column_list()
             );
+            offsets.1 = self.sql.len();
+            self.sql.push('(');
         }
         for (j, c) in plan.columns.iter().enumerate() {
             if j > 0 {
@@ -346,70 +428,26 @@ impl Applier {
         }
         self.sql.push(')');
         self.open = Some(match self.open {
-            Some(OpenStatement::Insert { oid, rows }) if extend => OpenStatement::Insert {
+            Some(OpenStatement::Insert {
+                oid,
+                rows,
+                start,
+                values,
+            }) if extend => OpenStatement::Insert {
                 oid,
                 rows: rows + 1,
+                start,
+                values,
             },
             _ => OpenStatement::Insert {
                 oid: ins.oid,
                 rows: 1,
+                start: offsets.0,
+                values: offsets.1,
             },
         });
         self.group_rows += 1;
         self.maybe_flush().await
-    }
-
-    /// `WHERE` conditions that find the row `tuple` on the target: the key columns, or for
-    /// a table without a key every column (with `IS NOT DISTINCT FROM`; by text form for
-    /// types without equality; columns the stream left out are skipped).
-    fn push_match(
-        sql: &mut String,
-        plan: &TablePlan,
-        idx: &[usize],
-        tuple: &TupleData,
-        keyed: bool,
-    ) -> Result<()> {
-        let mut first = true;
-        for (j, c) in plan.columns.iter().enumerate() {
-            if keyed && !c.key {
-                continue;
-            }
-            let v = Self::value(tuple, idx[j], plan.source_name())?;
-            if matches!(v, ColumnValue::UnchangedToast) {
-                if keyed {
-                    return Err(Error::operator(format!(
-                        "key column {}.{} arrived without its value (an unchanged TOASTed key)",
-                        plan.source_name(),
-                        quote_ident(&c.source)
-                    ))
-                    .hint("set REPLICA IDENTITY FULL on the source table, or use a key column that is not stored out of line"));
-                }
-                continue;
-            }
-            if !first {
-                sql.push_str(" AND ");
-            }
-            first = false;
-            if matches!(v, ColumnValue::Null) {
-                let _ = write!(sql, "{} IS NULL", quote_ident(&c.target));
-                continue;
-            }
-            if c.match_as_text {
-                let _ = write!(sql, "{}::pg_catalog.text", quote_ident(&c.target));
-            } else {
-                sql.push_str(&quote_ident(&c.target));
-            }
-            sql.push_str(if keyed {
-                " = "
-            } else {
-                " IS NOT DISTINCT FROM "
-            });
-            Self::push_value(sql, v, plan.source_name(), &c.source)?;
-        }
-        if first {
-            sql.push_str("true");
-        }
-        Ok(())
     }
 
     pub async fn update(&mut self, upd: &Update) -> Result<()> {
@@ -418,28 +456,24 @@ impl Applier {
         };
         self.ensure_group();
         self.close_statement();
-        let keyed = plan.keyed();
-        let mut set = String::new();
-        for (j, c) in plan.columns.iter().enumerate() {
+        // Columns to set: every mapped column the stream sent. Unchanged TOAST values
+        // ('u') are left as the target has them (hard case 1).
+        let mut set = Vec::new();
+        for (j, _) in plan.columns.iter().enumerate() {
             let v = Self::value(&upd.new, idx[j], plan.source_name())?;
-            if matches!(v, ColumnValue::UnchangedToast) {
-                // Unchanged TOAST: the target keeps what it has (hard case 1).
-                continue;
+            if !matches!(v, ColumnValue::UnchangedToast) {
+                set.push(j);
             }
-            if !set.is_empty() {
-                set.push(',');
-            }
-            let _ = write!(set, "{} = ", quote_ident(&c.target));
-            Self::push_value(&mut set, v, plan.source_name(), &c.source)?;
         }
         if set.is_empty() {
             return Ok(());
         }
-        let target = plan.target_name().quoted();
         let old = upd.old.as_ref().map(OldTuple::tuple);
-        if keyed {
-            let _ = write!(self.sql, "UPDATE {target} SET {set} WHERE ");
-            Self::push_match(&mut self.sql, &plan, &idx, old.unwrap_or(&upd.new), true)?;
+        let (matched, row) = if plan.keyed() {
+            (
+                self.key_match(&plan, &idx, old.unwrap_or(&upd.new))?,
+                old.unwrap_or(&upd.new),
+            )
         } else {
             let Some(old) = old else {
                 return Err(Error::operator(format!(
@@ -451,16 +485,134 @@ impl Applier {
                     plan.source_name().quoted()
                 )));
             };
-            let _ = write!(
-                self.sql,
-                "UPDATE {target} SET {set} WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM {target} WHERE "
-            );
-            Self::push_match(&mut self.sql, &plan, &idx, old, false)?;
-            self.sql.push_str(" LIMIT 1)");
+            (Self::full_match(&plan, &idx, old)?, old)
+        };
+        let mut shape = vec![0u8; plan.columns.len()];
+        for &j in &set {
+            shape[j] |= 1;
         }
-        self.sql.push(';');
+        for &j in &matched {
+            shape[j] |= 2;
+        }
+        let key = StatementKey {
+            oid: upd.oid,
+            kind: b'U',
+            shape,
+        };
+        let mut out = std::mem::take(&mut self.sql);
+        let name = self.prepare(&mut out, key, || {
+            let mut types = Vec::new();
+            let mut assignments = Vec::new();
+            for &j in &set {
+                types.push(plan.columns[j].type_name.clone());
+                assignments.push(format!("{} = ${}", quote_ident(&plan.columns[j].target), types.len()));
+            }
+            let condition = Self::match_sql(&plan, &matched, &mut types);
+            let target = plan.target_name().quoted();
+            let sql = if plan.keyed() {
+                format!("UPDATE {target} SET {} WHERE {condition}", assignments.join(", "))
+            } else {
+                format!(
+                    "UPDATE {target} SET {} WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM {target} WHERE {condition} LIMIT 1)",
+                    assignments.join(", ")
+                )
+            };
+            (sql, types)
+        });
+        self.sql = out;
+        let _ = write!(self.sql, "EXECUTE {name}(");
+        let mut first = true;
+        for &j in &set {
+            self.push_arg(&mut first, &upd.new, idx[j], &plan, j)?;
+        }
+        for &j in &matched {
+            self.push_arg(&mut first, row, idx[j], &plan, j)?;
+        }
+        self.sql.push_str(");");
         self.group_rows += 1;
         self.maybe_flush().await
+    }
+
+    /// Append one `EXECUTE` argument: the value of plan column `j` from `tuple`.
+    fn push_arg(
+        &mut self,
+        first: &mut bool,
+        tuple: &TupleData,
+        idx: usize,
+        plan: &TablePlan,
+        j: usize,
+    ) -> Result<()> {
+        if !*first {
+            self.sql.push(',');
+        }
+        *first = false;
+        let v = Self::value(tuple, idx, plan.source_name())?;
+        Self::push_value(
+            &mut self.sql,
+            v,
+            plan.source_name(),
+            &plan.columns[j].source,
+        )
+    }
+
+    /// The key columns (plan indexes) that find the row, refusing a key the stream left
+    /// out (an unchanged TOASTed key, hard case 2).
+    fn key_match(&self, plan: &TablePlan, idx: &[usize], tuple: &TupleData) -> Result<Vec<usize>> {
+        let mut out = Vec::new();
+        for (j, c) in plan.columns.iter().enumerate().filter(|(_, c)| c.key) {
+            let v = Self::value(tuple, idx[j], plan.source_name())?;
+            if !matches!(v, ColumnValue::Text(_)) {
+                return Err(Error::operator(format!(
+                    "key column {}.{} arrived without a value",
+                    plan.source_name(),
+                    quote_ident(&c.source)
+                ))
+                .detail("an unchanged TOASTed key, or a NULL in a key")
+                .hint("set REPLICA IDENTITY FULL on the source table, or use a key column that is not stored out of line"));
+            }
+            out.push(j);
+        }
+        Ok(out)
+    }
+
+    /// For a table without a key: every column the old row carries (unchanged TOAST
+    /// values are not sent, so they cannot be matched on).
+    fn full_match(plan: &TablePlan, idx: &[usize], old: &TupleData) -> Result<Vec<usize>> {
+        let mut out = Vec::new();
+        for (j, &i) in idx.iter().enumerate().take(plan.columns.len()) {
+            let v = Self::value(old, i, plan.source_name())?;
+            if !matches!(v, ColumnValue::UnchangedToast) {
+                out.push(j);
+            }
+        }
+        Ok(out)
+    }
+
+    /// `a = $n AND ...` for keyed tables; `a IS NOT DISTINCT FROM $n AND ...` (by text form
+    /// for types without equality) for the rest. Appends the parameter types to `types`.
+    fn match_sql(plan: &TablePlan, matched: &[usize], types: &mut Vec<String>) -> String {
+        let keyed = plan.keyed();
+        let mut parts = Vec::new();
+        for &j in matched {
+            let c = &plan.columns[j];
+            if c.match_as_text && !keyed {
+                types.push("pg_catalog.text".to_string());
+                parts.push(format!(
+                    "{}::pg_catalog.text IS NOT DISTINCT FROM ${}",
+                    quote_ident(&c.target),
+                    types.len()
+                ));
+            } else {
+                types.push(c.type_name.clone());
+                let op = if keyed { "=" } else { "IS NOT DISTINCT FROM" };
+                parts.push(format!("{} {op} ${}", quote_ident(&c.target), types.len()));
+            }
+        }
+        if parts.is_empty() {
+            "true".to_string()
+        } else {
+            parts.join(" AND ")
+        }
     }
 
     pub async fn delete(&mut self, del: &Delete) -> Result<()> {
@@ -523,12 +675,34 @@ impl Applier {
             });
         } else {
             self.close_statement();
-            let _ = write!(
-                self.sql,
-                "DELETE FROM {target} WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM {target} WHERE "
-            );
-            Self::push_match(&mut self.sql, &plan, &idx, old, false)?;
-            self.sql.push_str(" LIMIT 1);");
+            let matched = Self::full_match(&plan, &idx, old)?;
+            let mut shape = vec![0u8; plan.columns.len()];
+            for &j in &matched {
+                shape[j] = 2;
+            }
+            let key = StatementKey {
+                oid: del.oid,
+                kind: b'D',
+                shape,
+            };
+            let mut out = std::mem::take(&mut self.sql);
+            let name = self.prepare(&mut out, key, || {
+                let mut types = Vec::new();
+                let condition = Self::match_sql(&plan, &matched, &mut types);
+                (
+                    format!(
+                        "DELETE FROM {target} WHERE (tableoid, ctid) = (SELECT tableoid, ctid FROM {target} WHERE {condition} LIMIT 1)"
+                    ),
+                    types,
+                )
+            });
+            self.sql = out;
+            let _ = write!(self.sql, "EXECUTE {name}(");
+            let mut first = true;
+            for &j in &matched {
+                self.push_arg(&mut first, old, idx[j], &plan, j)?;
+            }
+            self.sql.push_str(");");
         }
         self.group_rows += 1;
         self.maybe_flush().await

@@ -16,6 +16,8 @@ pub struct ColumnMap {
     pub key: bool,
     /// Compared by text form in row matches (the type has no equality operator).
     pub match_as_text: bool,
+    /// The target column's type, as `format_type` prints it (for prepared statements).
+    pub type_name: String,
 }
 
 /// A source table, its target, and the columns between them.
@@ -64,6 +66,7 @@ impl TablePlan {
                 source: s.name.clone(),
                 key: t.key,
                 match_as_text: !t.has_equality,
+                type_name: t.type_name.clone(),
             });
         }
         if columns.is_empty() {
