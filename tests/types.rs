@@ -46,11 +46,22 @@ async fn values_survive_snapshot_and_stream() {
     src.create_database("db").await.unwrap();
     dst.create_database("db").await.unwrap();
     src.execute("db", SCHEMA).await.unwrap();
-    dst.execute("db", SCHEMA).await.unwrap();
+    // The target is written by an ordinary role that owns the tables but may not set
+    // session_replication_role: the apply then keeps the source's statement order
+    // (no net changes), which this test covers.
+    dst.execute(
+        "db",
+        &format!(
+            "CREATE ROLE app LOGIN; GRANT CREATE ON DATABASE db TO app; GRANT CREATE ON SCHEMA public TO app; SET ROLE app; {SCHEMA}"
+        ),
+    )
+    .await
+    .unwrap();
     src.execute("db", ROWS).await.unwrap();
     let s = src.connect("db").await.unwrap();
     let d = dst.connect("db").await.unwrap();
-    let job = Job::write("types", &src.url("db"), &dst.url("db"), "");
+    let target_url = dst.url("db").replace("postgres@", "app@");
+    let job = Job::write("types", &src.url("db"), &target_url, "");
     let mut daemon = Daemon::start(&job);
     daemon
         .wait_phase("streaming", Duration::from_secs(60))

@@ -35,6 +35,9 @@ pub struct TableInfo {
     /// `d` default, `n` nothing, `f` full, `i` index.
     pub replica_identity: char,
     pub has_primary_key: bool,
+    /// Unique indexes and exclusion constraints other than the primary key. Changes to a
+    /// table with none can be applied as net changes per key, in any order across keys.
+    pub other_unique_indexes: i64,
     /// Columns in attnum order, dropped columns excluded.
     pub columns: Vec<ColumnInfo>,
     /// Size in pages (of the main fork, now) and estimated rows, for planning the copy.
@@ -124,7 +127,10 @@ pub async fn table_info(client: &Client, name: &TableName) -> Result<Option<Tabl
                     (pg_catalog.pg_relation_size(c.oid) / pg_catalog.current_setting('block_size')::int8)::int8, \
                     c.reltuples::float8, \
                     EXISTS (SELECT 1 FROM pg_catalog.pg_index i \
-                            WHERE i.indrelid = c.oid AND i.indisprimary) \
+                            WHERE i.indrelid = c.oid AND i.indisprimary), \
+                    (SELECT count(*) FROM pg_catalog.pg_index i \
+                     WHERE i.indrelid = c.oid AND NOT i.indisprimary \
+                       AND (i.indisunique OR i.indisexclusion))::int8 \
              FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
              WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
             &[&name.schema, &name.name],
@@ -185,6 +191,7 @@ pub async fn table_info(client: &Client, name: &TableName) -> Result<Option<Tabl
         relkind: relkind.chars().next().unwrap_or('r'),
         replica_identity: replident.chars().next().unwrap_or('d'),
         has_primary_key: has_pk,
+        other_unique_indexes: rel.get(6),
         columns,
         pages: rel.get(3),
         rows_estimate: rel.get(4),

@@ -558,7 +558,7 @@ async fn stream(
     let progress = pg_apply::read_progress(&target, &spec.name)
         .await?
         .unwrap_or_default();
-    prepare_target_session(&target).await;
+    let replica_role = prepare_target_session(&target).await;
     let session = ReplicationSession::connect(
         &ctx.source,
         &slot,
@@ -576,6 +576,7 @@ async fn stream(
         snapshot_lsn,
         progress,
         GroupLimits::default(),
+        replica_role,
     );
     let mut confirmed = progress.end_lsn;
     ctx.status.update(|s| {

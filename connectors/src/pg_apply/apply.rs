@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
+use super::net::{NotFoldable, TableQueue, key_bytes};
 use super::plan::TablePlan;
 use super::state::Progress;
 use crate::error::{Error, Result};
@@ -29,6 +30,8 @@ use crate::pg_source::decode::{
 const MAX_SQL_BYTES: usize = 1 << 20;
 /// Rows in one multi-row statement at most.
 const MAX_ROWS_PER_STATEMENT: usize = 1000;
+/// Net changes held per group before they are sent, in (approximate) bytes.
+const MAX_QUEUED_BYTES: usize = 32 << 20;
 
 /// When to end a target transaction that holds several source transactions.
 #[derive(Debug, Clone, Copy)]
@@ -118,6 +121,12 @@ pub struct Applier {
     /// and single-row inserts run as `EXECUTE` of a generic plan instead of being parsed
     /// and planned each time.
     prepared: HashMap<StatementKey, String>,
+    /// Whether net changes may be used at all: foreign-key checks and triggers are off on
+    /// the target session (see [`super::net`]).
+    net_changes: bool,
+    /// Net changes per source relation OID, for tables that qualify.
+    queues: HashMap<u32, (Arc<TablePlan>, TableQueue)>,
+    queued_bytes: usize,
 }
 
 impl Applier {
@@ -129,6 +138,7 @@ impl Applier {
         snapshot_lsn: HashMap<TableName, Lsn>,
         committed: Progress,
         limits: GroupLimits,
+        net_changes: bool,
     ) -> Self {
         Self {
             client,
@@ -152,6 +162,9 @@ impl Applier {
             stats: ApplyStats::default(),
             warned_unmapped: Default::default(),
             prepared: HashMap::new(),
+            net_changes,
+            queues: HashMap::new(),
+            queued_bytes: 0,
         }
     }
 
@@ -403,6 +416,19 @@ impl Applier {
             return Ok(());
         };
         self.ensure_group();
+        if self.foldable(&plan) {
+            let row = Self::image(&plan, &idx, &ins.new)?;
+            if let Ok((key, key_values)) = Self::key_of(&plan, &row)
+                && self
+                    .queue(ins.oid, &plan)
+                    .insert(key, key_values, row)
+                    .is_ok()
+            {
+                self.group_rows += 1;
+                return self.after_queue().await;
+            }
+            self.flush_queue(ins.oid).await?;
+        }
         let extend = matches!(self.open, Some(OpenStatement::Insert { oid, rows, .. }) if oid == ins.oid && rows < MAX_ROWS_PER_STATEMENT);
         let mut offsets = (0, 0);
         if extend {
@@ -455,6 +481,25 @@ impl Applier {
             return Ok(());
         };
         self.ensure_group();
+        if self.foldable(&plan) {
+            let row = Self::image(&plan, &idx, &upd.new)?;
+            let new_key = Self::key_of(&plan, &row);
+            let old_key = match upd.old.as_ref() {
+                Some(old) => Self::key_of(&plan, &Self::image(&plan, &idx, old.tuple())?),
+                None => Self::key_of(&plan, &row),
+            };
+            // A key change (or a key without a value) goes the ordered way.
+            if let (Ok((nk, nkv)), Ok((ok, _))) = (new_key, old_key)
+                && nk == ok
+            {
+                let queue = self.queue(upd.oid, &plan);
+                if queue.update(nk, nkv, row).is_ok() {
+                    self.group_rows += 1;
+                    return self.after_queue().await;
+                }
+            }
+            self.flush_queue(upd.oid).await?;
+        }
         self.close_statement();
         // Columns to set: every mapped column the stream sent. Unchanged TOAST values
         // ('u') are left as the target has them (hard case 1).
@@ -620,6 +665,16 @@ impl Applier {
             return Ok(());
         };
         self.ensure_group();
+        if self.foldable(&plan) {
+            if let Ok((key, key_values)) =
+                Self::key_of(&plan, &Self::image(&plan, &idx, del.old.tuple())?)
+            {
+                self.queue(del.oid, &plan).delete(key, key_values);
+                self.group_rows += 1;
+                return self.after_queue().await;
+            }
+            self.flush_queue(del.oid).await?;
+        }
         let target = plan.target_name().quoted();
         let old = del.old.tuple();
         if plan.keyed() {
@@ -709,6 +764,8 @@ impl Applier {
     }
 
     pub async fn truncate(&mut self, tr: &Truncate) -> Result<()> {
+        // A barrier: everything queued before it is applied before it.
+        self.flush_queues().await?;
         let mut targets = Vec::new();
         for oid in &tr.oids {
             if let Some((plan, _)) = self.target_for(*oid)? {
@@ -761,6 +818,213 @@ impl Applier {
         }
     }
 
+    /// Whether `plan`'s changes may be folded into net changes (see [`super::net`]).
+    fn foldable(&self, plan: &TablePlan) -> bool {
+        self.net_changes && plan.keyed() && plan.target.other_unique_indexes == 0
+    }
+
+    /// The row in plan column order.
+    fn image(plan: &TablePlan, idx: &[usize], tuple: &TupleData) -> Result<Vec<ColumnValue>> {
+        idx.iter()
+            .take(plan.columns.len())
+            .map(|&i| Self::value(tuple, i, plan.source_name()).cloned())
+            .collect()
+    }
+
+    /// The key of a row image, as bytes and as values; `Err` when a key value is missing.
+    fn key_of(
+        plan: &TablePlan,
+        row: &[ColumnValue],
+    ) -> std::result::Result<(Vec<u8>, Vec<ColumnValue>), NotFoldable> {
+        let values: Vec<&ColumnValue> = plan
+            .columns
+            .iter()
+            .zip(row)
+            .filter(|(c, _)| c.key)
+            .map(|(_, v)| v)
+            .collect();
+        let key = key_bytes(&values).ok_or(NotFoldable)?;
+        Ok((key, values.into_iter().cloned().collect()))
+    }
+
+    fn queue(&mut self, oid: u32, plan: &Arc<TablePlan>) -> &mut TableQueue {
+        &mut self
+            .queues
+            .entry(oid)
+            .or_insert_with(|| (plan.clone(), TableQueue::default()))
+            .1
+    }
+
+    async fn after_queue(&mut self) -> Result<()> {
+        self.queued_bytes = self.queues.values().map(|(_, q)| q.bytes).sum();
+        if self.queued_bytes > MAX_QUEUED_BYTES {
+            self.flush_queues().await?;
+        }
+        Ok(())
+    }
+
+    async fn flush_queues(&mut self) -> Result<()> {
+        let oids: Vec<u32> = self
+            .queues
+            .iter()
+            .filter(|(_, (_, q))| !q.is_empty())
+            .map(|(o, _)| *o)
+            .collect();
+        for oid in oids {
+            self.flush_queue(oid).await?;
+        }
+        self.queued_bytes = 0;
+        Ok(())
+    }
+
+    /// Send one table's net changes: deletes, then inserts, then updates by shape.
+    async fn flush_queue(&mut self, oid: u32) -> Result<()> {
+        let Some((plan, queue)) = self.queues.get_mut(&oid) else {
+            return Ok(());
+        };
+        if queue.is_empty() {
+            return Ok(());
+        }
+        let plan = plan.clone();
+        let rows = std::mem::take(&mut queue.rows);
+        queue.bytes = 0;
+        self.close_statement();
+        let target = plan.target_name().quoted();
+        let keys: Vec<usize> = plan
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.key)
+            .map(|(j, _)| j)
+            .collect();
+        let key_list = keys
+            .iter()
+            .map(|&j| quote_ident(&plan.columns[j].target))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut deletes = Vec::new();
+        let mut inserts = Vec::new();
+        let mut updates: HashMap<Vec<bool>, Vec<Vec<ColumnValue>>> = HashMap::new();
+        for (_, (key_values, op)) in rows {
+            match op {
+                super::net::NetOp::Delete => deletes.push(key_values),
+                super::net::NetOp::Insert(row) => inserts.push(row),
+                super::net::NetOp::Replace(row) => {
+                    deletes.push(key_values);
+                    inserts.push(row);
+                }
+                super::net::NetOp::Update(row) => {
+                    let shape = row
+                        .iter()
+                        .map(|v| !matches!(v, ColumnValue::UnchangedToast))
+                        .collect();
+                    updates.entry(shape).or_default().push(row);
+                }
+            }
+        }
+        for chunk in deletes.chunks(MAX_ROWS_PER_STATEMENT) {
+            let _ = write!(self.sql, "DELETE FROM {target} WHERE ({key_list}) IN (");
+            for (n, key_values) in chunk.iter().enumerate() {
+                self.sql.push_str(if n == 0 { "(" } else { ",(" });
+                for (m, v) in key_values.iter().enumerate() {
+                    if m > 0 {
+                        self.sql.push(',');
+                    }
+                    Self::push_value(
+                        &mut self.sql,
+                        v,
+                        plan.source_name(),
+                        &plan.columns[keys[m]].source,
+                    )?;
+                }
+                self.sql.push(')');
+            }
+            self.sql.push_str(");");
+            self.send_if_full().await?;
+        }
+        for chunk in inserts.chunks(MAX_ROWS_PER_STATEMENT) {
+            let _ = write!(
+                self.sql,
+                "INSERT INTO {target} ({}) VALUES ",
+                plan.target_column_list()
+            );
+            for (n, row) in chunk.iter().enumerate() {
+                self.sql.push_str(if n == 0 { "(" } else { ",(" });
+                for (j, v) in row.iter().enumerate() {
+                    if j > 0 {
+                        self.sql.push(',');
+                    }
+                    Self::push_value(
+                        &mut self.sql,
+                        v,
+                        plan.source_name(),
+                        &plan.columns[j].source,
+                    )?;
+                }
+                self.sql.push(')');
+            }
+            self.sql.push(';');
+            self.send_if_full().await?;
+        }
+        for (shape, rows) in updates {
+            let cols: Vec<usize> = (0..shape.len()).filter(|&j| shape[j]).collect();
+            let set: Vec<String> = cols
+                .iter()
+                .filter(|&&j| !plan.columns[j].key)
+                .map(|&j| format!("{0} = v.{0}", quote_ident(&plan.columns[j].target)))
+                .collect();
+            if set.is_empty() {
+                continue;
+            }
+            let names = cols
+                .iter()
+                .map(|&j| quote_ident(&plan.columns[j].target))
+                .collect::<Vec<_>>()
+                .join(",");
+            let matches = keys
+                .iter()
+                .map(|&j| format!("t.{0} = v.{0}", quote_ident(&plan.columns[j].target)))
+                .collect::<Vec<_>>()
+                .join(" AND ");
+            for chunk in rows.chunks(MAX_ROWS_PER_STATEMENT) {
+                let _ = write!(
+                    self.sql,
+                    "UPDATE {target} AS t SET {} FROM (VALUES ",
+                    set.join(", ")
+                );
+                for (n, row) in chunk.iter().enumerate() {
+                    self.sql.push_str(if n == 0 { "(" } else { ",(" });
+                    for (m, &j) in cols.iter().enumerate() {
+                        if m > 0 {
+                            self.sql.push(',');
+                        }
+                        Self::push_value(
+                            &mut self.sql,
+                            &row[j],
+                            plan.source_name(),
+                            &plan.columns[j].source,
+                        )?;
+                        if n == 0 {
+                            // The first row types the VALUES columns; the rest follow.
+                            let _ = write!(self.sql, "::{}", plan.columns[j].type_name);
+                        }
+                    }
+                    self.sql.push(')');
+                }
+                let _ = write!(self.sql, ") AS v({names}) WHERE {matches};");
+                self.send_if_full().await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn send_if_full(&mut self) -> Result<()> {
+        if self.sql.len() >= MAX_SQL_BYTES {
+            self.send().await?;
+        }
+        Ok(())
+    }
+
     /// Commit the open target transaction, if any, with the progress row. Returns the
     /// progress now durable.
     pub async fn flush(&mut self) -> Result<Option<Progress>> {
@@ -771,6 +1035,7 @@ impl Applier {
             // BEGIN buffered but no source transaction finished: nothing to commit yet.
             return Ok(None);
         };
+        self.flush_queues().await?;
         self.close_statement();
         let _ = write!(
             self.sql,

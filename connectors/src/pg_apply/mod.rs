@@ -10,6 +10,7 @@
 
 mod apply;
 mod copy;
+mod net;
 mod plan;
 mod state;
 

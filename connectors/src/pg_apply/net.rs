@@ -1,0 +1,269 @@
+//! Net changes per key: the changes a target transaction holds for one table, reduced to
+//! at most one operation per key, then applied set-based.
+//!
+//! Within one target transaction (several source transactions, applied atomically) only
+//! the final state of each row is visible to anyone else, so a row inserted then updated
+//! three times is one INSERT of its last image, and a counter updated a thousand times is
+//! one UPDATE. The reduced changes of a table are then sent as a handful of set-based
+//! statements: one `DELETE ... IN`, multi-row `INSERT`s, and `UPDATE ... FROM (VALUES ...)`
+//! per shape of update.
+//!
+//! This reorders changes across keys (and across tables), which is only invisible when
+//! nothing on the target depends on that order: the table has no unique index or
+//! exclusion constraint besides its key (no transient conflicts between keys), and
+//! foreign-key checks and triggers are off for the session (`session_replication_role =
+//! replica`). The applier uses net changes only under those conditions, and the plain
+//! ordered path otherwise.
+
+use std::collections::HashMap;
+
+use crate::pg_source::decode::ColumnValue;
+
+/// The net effect of the changes to one key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NetOp {
+    /// The row did not exist before: insert this image (no unchanged-TOAST values).
+    Insert(Vec<ColumnValue>),
+    /// The row existed: set the columns that are not `UnchangedToast`.
+    Update(Vec<ColumnValue>),
+    /// The row existed and is gone.
+    Delete,
+    /// The row may have existed: delete it, then insert this image.
+    Replace(Vec<ColumnValue>),
+}
+
+/// A change that cannot be folded into the net changes (the caller flushes the queue and
+/// applies it in order instead).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotFoldable;
+
+/// The net changes of one table, keyed by the key values' text.
+#[derive(Debug, Default)]
+pub struct TableQueue {
+    pub rows: HashMap<Vec<u8>, (Vec<ColumnValue>, NetOp)>,
+    pub bytes: usize,
+}
+
+/// Key bytes: each key value length-prefixed, so `('a','bc')` and `('ab','c')` differ.
+pub fn key_bytes(key: &[&ColumnValue]) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    for v in key {
+        match v {
+            ColumnValue::Text(b) | ColumnValue::Binary(b) => {
+                out.extend_from_slice(&(b.len() as u64).to_le_bytes());
+                out.extend_from_slice(b);
+            }
+            ColumnValue::Null | ColumnValue::UnchangedToast => return None,
+        }
+    }
+    Some(out)
+}
+
+fn size(values: &[ColumnValue]) -> usize {
+    values
+        .iter()
+        .map(|v| match v {
+            ColumnValue::Text(b) | ColumnValue::Binary(b) => b.len() + 16,
+            _ => 16,
+        })
+        .sum::<usize>()
+        + 64
+}
+
+/// `new` over `old`: unchanged-TOAST columns of `new` keep `old`'s value.
+fn merge(old: &[ColumnValue], new: Vec<ColumnValue>) -> Vec<ColumnValue> {
+    new.into_iter()
+        .zip(old.iter())
+        .map(|(n, o)| {
+            if matches!(n, ColumnValue::UnchangedToast) {
+                o.clone()
+            } else {
+                n
+            }
+        })
+        .collect()
+}
+
+fn complete(values: &[ColumnValue]) -> bool {
+    !values
+        .iter()
+        .any(|v| matches!(v, ColumnValue::UnchangedToast))
+}
+
+impl TableQueue {
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    fn account(&mut self, added: usize) {
+        self.bytes += added;
+    }
+
+    /// An inserted row (every column has a value).
+    pub fn insert(
+        &mut self,
+        key: Vec<u8>,
+        key_values: Vec<ColumnValue>,
+        row: Vec<ColumnValue>,
+    ) -> Result<(), NotFoldable> {
+        if !complete(&row) {
+            return Err(NotFoldable);
+        }
+        let added = size(&row) + key.len();
+        let op = match self.rows.remove(&key) {
+            None => NetOp::Insert(row),
+            // Deleted earlier in this transaction (or the row was there before and deleted):
+            // delete-then-insert covers both.
+            Some((_, NetOp::Delete)) => NetOp::Replace(row),
+            // An insert of a key that exists cannot have succeeded on the source; keep the
+            // order-preserving path for whatever this is.
+            Some(other) => {
+                self.rows.insert(key, other);
+                return Err(NotFoldable);
+            }
+        };
+        self.account(added);
+        self.rows.insert(key, (key_values, op));
+        Ok(())
+    }
+
+    /// An update that keeps the key; `row` may hold unchanged-TOAST values.
+    pub fn update(
+        &mut self,
+        key: Vec<u8>,
+        key_values: Vec<ColumnValue>,
+        row: Vec<ColumnValue>,
+    ) -> Result<(), NotFoldable> {
+        let added = size(&row) + key.len();
+        let op = match self.rows.remove(&key) {
+            None => NetOp::Update(row),
+            Some((_, NetOp::Insert(old))) => NetOp::Insert(merge(&old, row)),
+            Some((_, NetOp::Update(old))) => NetOp::Update(merge(&old, row)),
+            Some((_, NetOp::Replace(old))) => NetOp::Replace(merge(&old, row)),
+            Some(other @ (_, NetOp::Delete)) => {
+                self.rows.insert(key, other);
+                return Err(NotFoldable);
+            }
+        };
+        self.account(added);
+        self.rows.insert(key, (key_values, op));
+        Ok(())
+    }
+
+    /// A deleted row.
+    pub fn delete(&mut self, key: Vec<u8>, key_values: Vec<ColumnValue>) {
+        self.account(key.len() + 64);
+        match self.rows.remove(&key) {
+            // Inserted within this transaction: as if it never was.
+            Some((_, NetOp::Insert(_))) => {}
+            _ => {
+                self.rows.insert(key, (key_values, NetOp::Delete));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> ColumnValue {
+        ColumnValue::Text(bytes::Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    fn key(s: &str) -> (Vec<u8>, Vec<ColumnValue>) {
+        (key_bytes(&[&t(s)]).unwrap(), vec![t(s)])
+    }
+
+    fn op(q: &TableQueue, k: &str) -> Option<NetOp> {
+        q.rows.get(&key(k).0).map(|(_, op)| op.clone())
+    }
+
+    #[test]
+    fn key_bytes_separate_columns() {
+        assert_ne!(
+            key_bytes(&[&t("a"), &t("bc")]),
+            key_bytes(&[&t("ab"), &t("c")])
+        );
+        assert_eq!(key_bytes(&[&ColumnValue::Null]), None);
+    }
+
+    #[test]
+    fn insert_update_delete_fold() {
+        let mut q = TableQueue::default();
+        let (k, kv) = key("1");
+        q.insert(k.clone(), kv.clone(), vec![t("1"), t("a"), t("x")])
+            .unwrap();
+        q.update(
+            k.clone(),
+            kv.clone(),
+            vec![t("1"), t("b"), ColumnValue::UnchangedToast],
+        )
+        .unwrap();
+        assert_eq!(
+            op(&q, "1"),
+            Some(NetOp::Insert(vec![t("1"), t("b"), t("x")]))
+        );
+        q.delete(k.clone(), kv.clone());
+        assert_eq!(op(&q, "1"), None, "insert then delete is nothing");
+
+        q.update(
+            k.clone(),
+            kv.clone(),
+            vec![t("1"), t("c"), ColumnValue::UnchangedToast],
+        )
+        .unwrap();
+        q.update(
+            k.clone(),
+            kv.clone(),
+            vec![t("1"), ColumnValue::UnchangedToast, t("y")],
+        )
+        .unwrap();
+        assert_eq!(
+            op(&q, "1"),
+            Some(NetOp::Update(vec![t("1"), t("c"), t("y")]))
+        );
+        q.delete(k.clone(), kv.clone());
+        assert_eq!(op(&q, "1"), Some(NetOp::Delete));
+        q.insert(k.clone(), kv.clone(), vec![t("1"), t("d"), t("z")])
+            .unwrap();
+        assert_eq!(
+            op(&q, "1"),
+            Some(NetOp::Replace(vec![t("1"), t("d"), t("z")]))
+        );
+        q.update(
+            k.clone(),
+            kv,
+            vec![t("1"), t("e"), ColumnValue::UnchangedToast],
+        )
+        .unwrap();
+        assert_eq!(
+            op(&q, "1"),
+            Some(NetOp::Replace(vec![t("1"), t("e"), t("z")]))
+        );
+    }
+
+    #[test]
+    fn what_cannot_fold_is_refused_and_kept() {
+        let mut q = TableQueue::default();
+        let (k, kv) = key("1");
+        assert_eq!(
+            q.insert(
+                k.clone(),
+                kv.clone(),
+                vec![t("1"), ColumnValue::UnchangedToast]
+            ),
+            Err(NotFoldable)
+        );
+        q.delete(k.clone(), kv.clone());
+        assert_eq!(
+            q.update(k.clone(), kv.clone(), vec![t("1"), t("a")]),
+            Err(NotFoldable)
+        );
+        assert_eq!(op(&q, "1"), Some(NetOp::Delete));
+        q.insert(k.clone(), kv.clone(), vec![t("1"), t("a")])
+            .unwrap();
+        assert_eq!(q.insert(k, kv, vec![t("1"), t("b")]), Err(NotFoldable));
+        assert_eq!(op(&q, "1"), Some(NetOp::Replace(vec![t("1"), t("a")])));
+    }
+}
