@@ -99,6 +99,7 @@ struct Kept {
     clusters: Clusters,
     job: Job,
     _api: Task<std::io::Result<()>>,
+    _data_dir: tempfile::TempDir,
 }
 
 impl Kept {
@@ -209,9 +210,9 @@ async fn demo(args: &DemoArgs, ui: &Ui) -> anyhow::Result<Finished> {
     ui.clear();
     let (rows, bytes) = copied(&s);
     ui.detail(&format!(
-        "snapshot: {} rows ({}) copied in {}",
+        "snapshot: {} rows{} copied in {}",
         HumanCount(rows),
-        HumanBytes(bytes),
+        bytes_text(bytes),
         secs(job_started.elapsed())
     ));
     for t in &s.tables {
@@ -405,6 +406,7 @@ async fn demo(args: &DemoArgs, ui: &Ui) -> anyhow::Result<Finished> {
             kept: Some(Kept {
                 clusters,
                 job,
+                _data_dir: data_dir,
                 _api: match api {
                     Some((_, task)) => task,
                     None => Task(tokio::spawn(async { Ok(()) })),
@@ -528,7 +530,7 @@ async fn load_dataset(clusters: &Clusters, orders: u64) -> anyhow::Result<Counts
              SELECT i, 'Customer ' || i, 'customer' || i || '@example.com',
                     (ARRAY['north', 'south', 'east', 'west', 'central'])[1 + i % 5],
                     timestamptz '2024-01-01 00:00:00+00' + i * interval '7 minutes'
-             FROM generate_series(1, {customers}) AS i;
+             FROM generate_series(1::bigint, {customers}) AS i;
          INSERT INTO products
              SELECT i, 'SKU-' || lpad(i::text, 6, '0'), 'Product ' || i,
                     round(2 + (i * 7919 % 50000) / 100.0, 2),
@@ -540,7 +542,7 @@ async fn load_dataset(clusters: &Clusters, orders: u64) -> anyhow::Result<Counts
              FROM generate_series(1, {PRODUCTS}) AS i;
          INSERT INTO order_items
              SELECT o, l, p.id, 1 + (o + l) % 4, p.price
-             FROM generate_series(1, {orders}) AS o
+             FROM generate_series(1::bigint, {orders}) AS o
              CROSS JOIN LATERAL generate_series(1, 1 + o % 3) AS l
              JOIN products AS p ON p.id = 1 + (o * 31 + l * 17) % {PRODUCTS};
          INSERT INTO orders
@@ -548,7 +550,7 @@ async fn load_dataset(clusters: &Clusters, orders: u64) -> anyhow::Result<Counts
                     (ARRAY['new', 'paid', 'shipped', 'delivered', 'cancelled'])[1 + o % 5],
                     coalesce(t.total, 0),
                     timestamptz '2025-01-01 00:00:00+00' + o * interval '13 seconds'
-             FROM generate_series(1, {orders}) AS o
+             FROM generate_series(1::bigint, {orders}) AS o
              LEFT JOIN (SELECT order_id, sum(qty * price) AS total
                         FROM order_items GROUP BY order_id) AS t ON t.order_id = o;",
         schema = schema_sql("orders"),
@@ -1001,12 +1003,30 @@ fn snapshot_line(s: &JobStatus, expected_rows: u64) -> String {
         .unwrap_or(100)
         .min(100);
     format!(
-        "snapshot: {} of ~{} rows ({pct}%), {} · {done} of {} tables done",
+        "snapshot: {} of ~{} rows ({pct}%){} · {done} of {} tables done{}",
         HumanCount(rows),
         HumanCount(expected_rows),
-        HumanBytes(bytes),
-        s.tables.len()
+        bytes_text(bytes),
+        s.tables.len(),
+        retrying(s),
     )
+}
+
+/// ` (12.5 MiB)`, or nothing while no byte count is known.
+fn bytes_text(bytes: u64) -> String {
+    if bytes == 0 {
+        String::new()
+    } else {
+        format!(" ({})", HumanBytes(bytes))
+    }
+}
+
+/// ` · retrying: ...` while the job retries a transient error.
+fn retrying(s: &JobStatus) -> String {
+    match &s.error {
+        Some(e) => format!(" · retrying: {e}"),
+        None => String::new(),
+    }
 }
 
 fn lag_text(s: &JobStatus) -> String {
@@ -1019,11 +1039,12 @@ fn lag_text(s: &JobStatus) -> String {
 
 fn streaming_line(s: &JobStatus, writer: &Writer) -> String {
     format!(
-        "streaming: lag {} · applied {} transactions ({} rows) · writer {} transactions",
+        "streaming: lag {} · applied {} transactions ({} rows) · writer {} transactions{}",
         lag_text(s),
         HumanCount(s.applied_transactions),
         HumanCount(s.applied_rows),
         HumanCount(writer.transactions()),
+        retrying(s),
     )
 }
 
