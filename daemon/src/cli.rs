@@ -230,11 +230,12 @@ pub struct TeardownArgs {
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Rows of sample data to generate.
-    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    /// Orders in the sample shop (items are about twice as many, customers a tenth).
+    #[arg(long, value_name = "N", default_value_t = 200_000)]
     pub rows: u64,
 
-    /// Keep the demo clusters and their data directory instead of removing them.
+    /// Keep the clusters and the job running after the check, with the API up, until
+    /// Ctrl-C; then remove everything.
     #[arg(long)]
     pub keep: bool,
 }

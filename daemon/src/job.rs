@@ -501,6 +501,8 @@ async fn copy_tables(
         }
     }
     progress.abort();
+    // The progress task may have stopped before the last bytes were counted.
+    publish_bytes(ctx, &bytes);
     match first_error {
         Some(e) => Err(e),
         None if ctx.stopping() => Err(Error::transient("stopped during the snapshot copy")),
@@ -515,15 +517,20 @@ fn spawn_copy_progress(
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_millis(250)).await;
-            ctx.status.update(|s| {
-                for t in &mut s.tables {
-                    if let Some((_, b)) = bytes.iter().find(|(n, _)| n.to_string() == t.source) {
-                        t.bytes_copied = b.load(Ordering::Relaxed);
-                    }
-                }
-            });
+            publish_bytes(&ctx, &bytes);
         }
     })
+}
+
+/// Copy the byte counters of the running copies into the status.
+fn publish_bytes(ctx: &JobContext, bytes: &HashMap<TableName, AtomicU64>) {
+    ctx.status.update(|s| {
+        for t in &mut s.tables {
+            if let Some((_, b)) = bytes.iter().find(|(n, _)| n.to_string() == t.source) {
+                t.bytes_copied = b.load(Ordering::Relaxed);
+            }
+        }
+    });
 }
 
 /// Settings for apply and copy sessions on the target: triggers and foreign-key checks do

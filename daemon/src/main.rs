@@ -86,12 +86,13 @@ fn usage_error(err: &clap::Error) -> ExitCode {
 }
 
 /// Logs go to stderr (stdout is for answers). RUST_LOG, when set, wins; otherwise the
-/// level of cutover's own crates comes from the command (info for the long-running
-/// ones, warn for queries) shifted by -v/-q, and libraries stay at warn until -vvv.
+/// level of cutover's own crates comes from the command (info for `run`, warn for the
+/// demo and the queries) shifted by -v/-q, and libraries stay at warn until -vvv.
 fn init_tracing(cli: &Cli) {
     const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    // The demo draws its own progress; the job's info lines would break it up.
     let base: i32 = match cli.command {
-        Command::Run(_) | Command::Demo(_) => 3,
+        Command::Run(_) => 3,
         _ => 2,
     };
     let index = (base + i32::from(cli.verbose) - i32::from(cli.quiet)).clamp(0, 5);
