@@ -102,6 +102,15 @@ async fn snapshot_then_every_dml_kind_across_clusters() {
             .iter()
             .all(|t| t["snapshot_done"] == true)
     );
+    let accounts = status["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["source"] == "public.accounts")
+        .unwrap()
+        .clone();
+    assert_eq!(accounts["rows_copied"], 5000, "{accounts}");
+    assert!(accounts["bytes_copied"].as_u64().unwrap() > 0, "{accounts}");
 
     // Every DML kind while streaming.
     s.batch_execute(

@@ -17,13 +17,15 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use cutover_config::{ConnParams, JobSpec, SnapshotMode};
 use cutover_connectors::catalog::{self, TableInfo};
 use cutover_connectors::error::{Error, Result};
-use cutover_connectors::pg_apply::{self, Applier, CopyChunk, GroupLimits, TablePlan};
+use cutover_connectors::pg_apply::{
+    self, Applier, CopyChunk, CopyCounters, GroupLimits, TablePlan,
+};
 use cutover_connectors::pg_source::client::{ReplicationSession, StreamEvent};
 use cutover_connectors::pg_source::decode::LogicalMessage;
 use cutover_connectors::pg_source::provision;
@@ -420,19 +422,19 @@ async fn copy_tables(
     work.reverse();
     let queue = Arc::new(tokio::sync::Mutex::new(work));
     let remaining = Arc::new(tokio::sync::Mutex::new(remaining));
-    let bytes: Arc<HashMap<TableName, AtomicU64>> = Arc::new(
+    let counters: Arc<HashMap<TableName, CopyCounters>> = Arc::new(
         pending
             .iter()
-            .map(|p| (p.source_name().clone(), AtomicU64::new(0)))
+            .map(|p| (p.source_name().clone(), CopyCounters::default()))
             .collect(),
     );
-    let progress = spawn_copy_progress(ctx.clone(), bytes.clone());
+    let progress = spawn_copy_progress(ctx.clone(), counters.clone());
     let mut workers = Vec::new();
     for i in 0..parallelism {
         let ctx = ctx.clone();
         let queue = queue.clone();
         let remaining = remaining.clone();
-        let bytes = bytes.clone();
+        let counters = counters.clone();
         let snapshot_name = snapshot_name.to_string();
         workers.push(tokio::spawn(async move {
             let app = ctx.app_name(&format!("copy-{i}"));
@@ -456,7 +458,7 @@ async fn copy_tables(
                 let (Some(s), Some(d)) = (src.as_mut(), dst.as_mut()) else {
                     continue;
                 };
-                let counter = &bytes[plan.source_name()];
+                let counter = &counters[plan.source_name()];
                 let rows = pg_apply::copy_chunk(
                     s,
                     &snapshot_name,
@@ -481,7 +483,7 @@ async fn copy_tables(
                 }
                 ctx.status.update(|s| {
                     if let Some(t) = s.tables.iter_mut().find(|t| t.source == name) {
-                        t.rows_copied += rows;
+                        t.rows_copied = counter.rows.load(Ordering::Relaxed);
                         t.snapshot_done |= finished;
                     }
                 });
@@ -501,8 +503,8 @@ async fn copy_tables(
         }
     }
     progress.abort();
-    // The progress task may have stopped before the last bytes were counted.
-    publish_bytes(ctx, &bytes);
+    // The progress task may have stopped before the last counts were published.
+    publish_counters(ctx, &counters);
     match first_error {
         Some(e) => Err(e),
         None if ctx.stopping() => Err(Error::transient("stopped during the snapshot copy")),
@@ -512,22 +514,23 @@ async fn copy_tables(
 
 fn spawn_copy_progress(
     ctx: JobContext,
-    bytes: Arc<HashMap<TableName, AtomicU64>>,
+    counters: Arc<HashMap<TableName, CopyCounters>>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(Duration::from_millis(250)).await;
-            publish_bytes(&ctx, &bytes);
+            publish_counters(&ctx, &counters);
         }
     })
 }
 
-/// Copy the byte counters of the running copies into the status.
-fn publish_bytes(ctx: &JobContext, bytes: &HashMap<TableName, AtomicU64>) {
+/// Copy the live counters of the running copies into the status.
+fn publish_counters(ctx: &JobContext, counters: &HashMap<TableName, CopyCounters>) {
     ctx.status.update(|s| {
         for t in &mut s.tables {
-            if let Some((_, b)) = bytes.iter().find(|(n, _)| n.to_string() == t.source) {
-                t.bytes_copied = b.load(Ordering::Relaxed);
+            if let Some((_, c)) = counters.iter().find(|(n, _)| n.to_string() == t.source) {
+                t.rows_copied = c.rows.load(Ordering::Relaxed);
+                t.bytes_copied = c.bytes.load(Ordering::Relaxed);
             }
         }
     });

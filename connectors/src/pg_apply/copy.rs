@@ -17,6 +17,15 @@ use super::state::MARK_DONE_SQL;
 use crate::error::{Error, Result};
 use crate::ident::quote_literal;
 
+/// Live counters of a table's copy, shared by the chunks copying it.
+#[derive(Debug, Default)]
+pub struct CopyCounters {
+    /// Rows: counted as COPY messages arrive (one per row), corrected to the server's
+    /// count when a chunk finishes.
+    pub rows: AtomicU64,
+    pub bytes: AtomicU64,
+}
+
 /// A range of heap pages `[lower, upper)`; `None` bounds are open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CopyChunk {
@@ -78,7 +87,7 @@ pub async fn truncate_target(target: &Client, plan: &TablePlan) -> Result<()> {
 }
 
 /// Copy one chunk of `plan`'s table from the snapshot `snapshot_name` into the target, and
-/// count it in `cutover.tables` in the same target transaction. `bytes` is advanced as
+/// count it in `cutover.tables` in the same target transaction. `counters` advance as
 /// data flows. Returns the rows copied.
 pub async fn copy_chunk(
     source: &mut Client,
@@ -87,7 +96,7 @@ pub async fn copy_chunk(
     plan: &TablePlan,
     chunk: CopyChunk,
     job: &str,
-    bytes: &AtomicU64,
+    counters: &CopyCounters,
 ) -> Result<u64> {
     let src_err = |e: tokio_postgres::Error| {
         Error::from_pg(
@@ -141,12 +150,20 @@ pub async fn copy_chunk(
         .map_err(tgt_err)?;
     futures_util::pin_mut!(out);
     futures_util::pin_mut!(sink);
+    let mut messages = 0u64;
     while let Some(chunk) = out.next().await {
         let chunk = chunk.map_err(src_err)?;
-        bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        counters
+            .bytes
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        counters.rows.fetch_add(1, Ordering::Relaxed);
+        messages += 1;
         sink.feed(chunk).await.map_err(tgt_err)?;
     }
     let rows = sink.as_mut().finish().await.map_err(tgt_err)?;
+    // Binary COPY adds a header and a trailer message: settle on the server's count.
+    counters.rows.fetch_add(rows, Ordering::Relaxed);
+    counters.rows.fetch_sub(messages, Ordering::Relaxed);
     src_tx.commit().await.map_err(src_err)?;
     let source_table = plan.source_name().to_string();
     tgt_tx

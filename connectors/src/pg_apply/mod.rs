@@ -15,7 +15,7 @@ mod plan;
 mod state;
 
 pub use apply::{Applier, ApplyStats, GroupLimits};
-pub use copy::{CopyChunk, copy_chunk, mark_done, plan_chunks, truncate_target};
+pub use copy::{CopyChunk, CopyCounters, copy_chunk, mark_done, plan_chunks, truncate_target};
 pub use plan::{ColumnMap, TablePlan};
 pub use state::{
     Progress, TableState, ensure_state_schema, mark_table_started, read_progress, read_table_states,
