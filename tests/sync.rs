@@ -393,3 +393,84 @@ async fn renamed_target_table_and_idle_slot_follows_the_wal() {
         .get(0);
     assert_eq!(left, 0, "teardown must leave no slot and no publication");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_reports_what_would_fail_and_changes_nothing() {
+    let (src, dst) = tokio::join!(cluster("check-src"), cluster("check-dst"));
+    src.create_database("db").await.unwrap();
+    dst.create_database("db").await.unwrap();
+    src.execute(
+        "db",
+        "CREATE TABLE public.good (id int PRIMARY KEY, v text);
+         CREATE TABLE public.nokey (v text);
+         CREATE TABLE public.missing_on_target (id int PRIMARY KEY);",
+    )
+    .await
+    .unwrap();
+    dst.execute(
+        "db",
+        "CREATE TABLE public.good (id int PRIMARY KEY, v text); CREATE TABLE public.nokey (v text);",
+    )
+    .await
+    .unwrap();
+    let s = src.connect("db").await.unwrap();
+    let job = Job::write("check", &src.url("db"), &dst.url("db"), "");
+    let run = |json: bool| {
+        let mut cmd = std::process::Command::new(bin());
+        cmd.arg("check").arg(&job.path);
+        if json {
+            cmd.arg("--json");
+        }
+        cmd.output().unwrap()
+    };
+    let out = run(true);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON document");
+    let result = |name: &str| {
+        doc["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"].as_str().unwrap().starts_with(name))
+            .unwrap_or_else(|| panic!("no check {name}: {doc}"))
+            .clone()
+    };
+    assert_eq!(result("wal_level")["result"], "pass");
+    assert_eq!(result("source replication connection")["result"], "pass");
+    assert_eq!(result("max_slot_wal_keep_size")["result"], "warn");
+    assert_eq!(result("table public.good -> public.good")["result"], "pass");
+    let nokey = result("table public.nokey -> public.nokey: key");
+    assert_eq!(nokey["result"], "fail");
+    assert!(
+        nokey["fix"]
+            .as_str()
+            .unwrap()
+            .contains("REPLICA IDENTITY FULL"),
+        "{nokey}"
+    );
+    let missing = result("table public.missing_on_target");
+    assert_eq!(missing["result"], "fail");
+    assert!(
+        missing["detail"]
+            .as_str()
+            .unwrap()
+            .contains("does not exist")
+    );
+    // The text form is a table too, and check changed nothing on the source.
+    let text = run(false);
+    assert!(String::from_utf8_lossy(&text.stdout).contains("not ready to run"));
+    let created: i64 = s
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_publication)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(created, 0, "check must not create a slot or a publication");
+}

@@ -6,7 +6,7 @@
 //! Every entry point returns `Ok(Outcome)` for an answer (exit 0 or 1) and `Err` when
 //! it could not answer (exit 2; `main` prints the error as one line).
 //!
-//! The bodies below are placeholders until the commands are implemented.
+//! `verify` and `log` are not implemented yet and say so (exit 2).
 
 use crate::cli::{
     CheckArgs, DemoArgs, LogShowArgs, LogVerifyArgs, Outcome, RunArgs, TeardownArgs, VerifyArgs,
@@ -24,10 +24,8 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<Outcome> {
 }
 
 /// `cutover check JOB.toml`.
-#[allow(clippy::unused_async, reason = "placeholder body; remove with it")]
 pub async fn check(args: &CheckArgs) -> anyhow::Result<Outcome> {
-    let _ = args;
-    not_implemented("check")
+    crate::check::check(args).await
 }
 
 /// `cutover verify JOB.toml`.
@@ -38,7 +36,6 @@ pub async fn verify(args: &VerifyArgs) -> anyhow::Result<Outcome> {
 }
 
 /// `cutover teardown JOB.toml`.
-#[allow(clippy::unused_async, reason = "placeholder body; remove with it")]
 pub async fn teardown(args: &TeardownArgs) -> anyhow::Result<Outcome> {
     crate::teardown::teardown(args).await
 }

@@ -112,11 +112,10 @@ pub async fn run(ctx: JobContext) -> Result<()> {
 
 /// The tables of the job: explicit `[[table]]` entries, or every source table matched by
 /// `[source] tables`, each with its target name.
-async fn resolve_tables(
-    ctx: &JobContext,
+pub(crate) async fn resolve_tables(
+    spec: &JobSpec,
     source: &tokio_postgres::Client,
 ) -> Result<Vec<(TableName, TableName)>> {
-    let spec = &ctx.spec;
     let target_for = |src: &TableName| {
         TableName::new(
             spec.target
@@ -192,7 +191,7 @@ async fn plan_tables(
         && ctx.source.port == ctx.target.port
         && ctx.source.dbname == ctx.target.dbname;
     let mut plans = Vec::new();
-    for (src, dst) in resolve_tables(ctx, source).await? {
+    for (src, dst) in resolve_tables(&ctx.spec, source).await? {
         if same_database && src == dst {
             return Err(Error::operator(format!(
                 "table {src} would be copied onto itself: source and target are the same database"

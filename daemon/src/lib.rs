@@ -2,6 +2,7 @@
 
 pub mod api;
 pub mod api_client;
+pub mod check;
 pub mod cli;
 pub mod cluster;
 pub mod commands;
