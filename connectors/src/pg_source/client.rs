@@ -117,7 +117,7 @@ fn config(
     .with_start_lsn(pgwire_replication::Lsn::from_u64(start.0))
     .with_options(session_options(params))
     .with_application_name(application_name.to_string())
-    .with_status_interval(std::time::Duration::from_secs(1))
+    .with_status_interval(std::time::Duration::from_millis(250))
     .with_wakeup_interval(std::time::Duration::from_secs(5))
     .with_buffer_size(8192)
 }
@@ -267,7 +267,7 @@ impl ReplicationStream {
     }
 
     /// Tell the server that everything up to `lsn` is durable on the target. Monotonic;
-    /// sent on the session's next status update (within a second, or at once when the
+    /// sent on the session's next status update (within 250 ms, or at once when the
     /// server asks).
     pub fn confirm(&mut self, lsn: Lsn) {
         self.last_confirm = self.last_confirm.max(lsn);

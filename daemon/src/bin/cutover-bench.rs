@@ -327,7 +327,8 @@ async fn real_main(args: Args) -> Result<i32> {
             PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/benchmarks.md")
         });
         write_docs(&docs, &report)?;
-        eprintln!("cutover-bench: wrote {}", docs.display());
+        let shown = std::fs::canonicalize(&docs).unwrap_or(docs);
+        eprintln!("cutover-bench: wrote {}", shown.display());
     }
     let failed = samples
         .iter()
@@ -1055,6 +1056,8 @@ impl Bench {
         let check = check.ok_or_else(|| anyhow!("no gate was run"))??;
         let mut cpu = at_stop.since(cpu0);
         cpu.tool = exited.since(cpu0).tool;
+        // The daemon was still running at `at_stop`, so its CPU counted as "other" there.
+        cpu.other = (cpu.other - cpu.tool).max(0.0);
         Ok((cpu, check))
     }
 
@@ -1866,6 +1869,11 @@ fn fmt_secs(v: f64) -> String {
     }
 }
 
+/// Whether something else on the machine used more than a quarter of a CPU during the run.
+fn disturbed(s: &Sample) -> bool {
+    s.wall > 0.0 && s.other_cpu > 0.25 * s.wall
+}
+
 fn fmt_cpu(v: f64) -> String {
     if v.is_finite() {
         format!("{v:.2}")
@@ -1908,12 +1916,14 @@ fn render(samples: &[Sample], env: &EnvInfo, args: &Args, elapsed: Duration) -> 
         env.load_start,
         load_average()
     );
+    let n_disturbed = samples.iter().filter(|s| disturbed(s)).count();
     let timed: f64 = samples.iter().map(|s| s.wall).sum();
     let other: f64 = samples.iter().map(|s| s.other_cpu).sum();
     let busy = if timed > 0.0 { other / timed } else { 0.0 };
     let _ = writeln!(
         md,
-        "- other CPU (the machine's busy time not used by the tool, the servers or this program) averaged {busy:.2} CPUs over the timed runs{}\n",
+        "- other CPU (the machine's busy time not used by the tool, the servers or this program) averaged {busy:.2} CPUs over the timed runs; {n_disturbed} of {} runs DISTURBED (other CPU above a quarter of a CPU){}\n",
+        samples.len(),
         if busy > 0.25 {
             ": **the machine was busy with other work, so these figures are disturbed; rerun on a quiet machine**"
         } else {
@@ -1936,6 +1946,12 @@ fn render(samples: &[Sample], env: &EnvInfo, args: &Args, elapsed: Duration) -> 
         let measured = usable || matches!(s.check, Check::Fail(_));
         let rate = if usable { s.rate() } else { f64::NAN };
         let mut note = s.note.clone();
+        if disturbed(s) {
+            note = format!(
+                "DISTURBED: {:.2} s of other CPU on the machine during the run; {note}",
+                s.other_cpu
+            );
+        }
         if let Some(d) = s.check.detail() {
             note = if note.is_empty() {
                 d.to_owned()
