@@ -474,3 +474,74 @@ async fn check_reports_what_would_fail_and_changes_nothing() {
         .get(0);
     assert_eq!(created, 0, "check must not create a slot or a publication");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_names_are_names_and_a_failed_preflight_creates_nothing() {
+    let (src, dst) = tokio::join!(cluster("names-src"), cluster("names-dst"));
+    let schema = r#"CREATE TABLE public.t (id int PRIMARY KEY);
+        CREATE TABLE public."x""; DROP TABLE t; --" ("a""b" int PRIMARY KEY, "select" text);"#;
+    for c in [&src, &dst] {
+        c.create_database("db").await.unwrap();
+        c.execute("db", schema).await.unwrap();
+    }
+    src.execute(
+        "db",
+        r#"INSERT INTO public."x""; DROP TABLE t; --" VALUES (1, 'one'), (2, 'two')"#,
+    )
+    .await
+    .unwrap();
+    let s = src.connect("db").await.unwrap();
+    let d = dst.connect("db").await.unwrap();
+
+    // A job whose pre-flight fails (a target table is missing) leaves nothing behind.
+    src.execute(
+        "db",
+        "CREATE TABLE public.only_on_source (id int PRIMARY KEY)",
+    )
+    .await
+    .unwrap();
+    let job = Job::write("names", &src.url("db"), &dst.url("db"), "");
+    let out = std::process::Command::new(bin())
+        .arg("run")
+        .arg(&job.path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("target table public.only_on_source does not exist"),
+        "{err}"
+    );
+    let created: i64 = s
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_publication)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        created, 0,
+        "a failed pre-flight must create no slot and no publication"
+    );
+    src.execute("db", "DROP TABLE public.only_on_source")
+        .await
+        .unwrap();
+
+    let mut daemon = Daemon::start(&job);
+    daemon.wait_phase("streaming", TIMEOUT).await;
+    s.batch_execute(r#"UPDATE public."x""; DROP TABLE t; --" SET "select" = 'it''s; DROP TABLE t; --' WHERE "a""b" = 1"#)
+        .await
+        .unwrap();
+    let table = r#"public."x""; DROP TABLE t; --""#;
+    wait_equal(&s, &d, table, table, TIMEOUT, Some(&daemon)).await;
+    for c in [&s, &d] {
+        let t: i64 = c
+            .query_one("SELECT count(*) FROM pg_tables WHERE tablename = 't'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(t, 1, "table t must still exist");
+    }
+    assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
+}
