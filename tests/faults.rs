@@ -247,3 +247,74 @@ async fn immediate_restarts_of_source_and_target_are_survived() {
     );
     drop((s, d));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lost_slot_is_refused_not_recreated() {
+    let (src, dst) = tokio::join!(
+        Cluster::start(
+            cutover::cluster::ClusterOptions::named("lost-src")
+                .setting("max_slot_wal_keep_size", "1MB")
+                .setting("max_wal_size", "64MB")
+                .setting("min_wal_size", "32MB")
+        ),
+        cluster("lost-dst")
+    );
+    let src = src.unwrap();
+    for c in [&src, &dst] {
+        c.create_database("db").await.unwrap();
+        c.execute("db", "CREATE TABLE public.t (id int PRIMARY KEY, pad text)")
+            .await
+            .unwrap();
+    }
+    let s = src.connect("db").await.unwrap();
+    let job = Job::write("lost", &src.url("db"), &dst.url("db"), "");
+    let mut daemon = Daemon::start(&job);
+    daemon.wait_phase("streaming", TIMEOUT).await;
+    assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
+    // With the job stopped, write far more WAL than the slot may keep.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        s.batch_execute(
+            "INSERT INTO t SELECT g, repeat('x', 500) FROM generate_series(1, 50000) g \
+             ON CONFLICT (id) DO UPDATE SET pad = EXCLUDED.pad || 'y'; CHECKPOINT; SELECT pg_switch_wal();",
+        )
+        .await
+        .unwrap();
+        let status: Option<String> = s
+            .query_one(
+                "SELECT wal_status FROM pg_replication_slots WHERE slot_name = 'cutover_lost'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if status.as_deref() == Some("lost") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the slot never became lost: {status:?}"
+        );
+    }
+    let out = std::process::Command::new(bin())
+        .arg("run")
+        .arg(&job.path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("replication slot \"cutover_lost\" is lost") && err.contains("hint:"),
+        "{err}"
+    );
+    // Never silently recreated at the current LSN.
+    let slots: i64 = s
+        .query_one(
+            "SELECT count(*) FROM pg_replication_slots WHERE wal_status <> 'lost'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(slots, 0);
+}

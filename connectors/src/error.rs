@@ -24,6 +24,9 @@ pub struct Error {
     pub detail: Option<String>,
     pub hint: Option<String>,
     pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+    /// For a transient error: how long the same incident may be retried before it needs
+    /// an operator after all (`None`: for as long as it lasts).
+    pub retry_for: Option<std::time::Duration>,
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -36,6 +39,7 @@ impl Error {
             detail: None,
             hint: None,
             source: None,
+            retry_for: None,
         }
     }
 
@@ -46,6 +50,7 @@ impl Error {
             detail: None,
             hint: None,
             source: None,
+            retry_for: None,
         }
     }
 
@@ -61,6 +66,12 @@ impl Error {
 
     pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
         self.source = Some(Box::new(source));
+        self
+    }
+
+    /// Retry this transient error for at most `limit`, then treat it as needing an operator.
+    pub fn retry_for(mut self, limit: std::time::Duration) -> Self {
+        self.retry_for = Some(limit);
         self
     }
 
@@ -95,6 +106,7 @@ impl Error {
             detail,
             hint,
             source: None,
+            retry_for: None,
         }
     }
 }

@@ -71,15 +71,28 @@ pub async fn run(ctx: JobContext) -> Result<()> {
     let poller = tokio::spawn(poll_source(ctx.clone()));
     let mut backoff = Duration::from_millis(500);
     let mut incident: Option<String> = None;
+    let mut incident_since = Instant::now();
     let result = loop {
         let started = Instant::now();
         match run_once(&ctx).await {
             Ok(Ended::Stopped) => break Ok(()),
+            Err(e)
+                if e.is_transient()
+                    && !ctx.stopping()
+                    && e.retry_for.is_some_and(|limit| {
+                        incident.as_deref() == Some(e.to_string().as_str())
+                            && incident_since.elapsed() > limit
+                    }) =>
+            {
+                // The same incident outlasted what waiting can fix.
+                break Err(e);
+            }
             Err(e) if e.is_transient() && !ctx.stopping() => {
                 let text = e.to_string();
                 if incident.as_deref() != Some(text.as_str()) {
                     tracing::warn!(error = %text, "job interrupted; retrying");
                     incident = Some(text.clone());
+                    incident_since = Instant::now();
                 }
                 ctx.status.update(|s| s.error = Some(text));
                 if started.elapsed() > Duration::from_secs(30) {

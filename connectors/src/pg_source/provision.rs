@@ -77,7 +77,10 @@ pub fn check_slot_usable(slot: &str, state: &SlotState, dbname: &str) -> Result<
         return Err(Error::transient(format!(
             "replication slot \"{slot}\" is active for PID {pid}"
         ))
-        .hint("another cutover run of this job (or a stale connection) holds the slot; stop it, or wait for wal_sender_timeout to end a dead one"));
+        .hint("another cutover run of this job (or a stale connection) holds the slot; stop it, or wait for wal_sender_timeout to end a dead one")
+        // A killed predecessor's walsender lets go within wal_sender_timeout (60s by
+        // default); a live second consumer does not, and is refused then.
+        .retry_for(std::time::Duration::from_secs(90)));
     }
     if state.plugin.as_deref() != Some("pgoutput") {
         return Err(Error::operator(format!(
