@@ -383,14 +383,7 @@ async fn renamed_target_table_and_idle_slot_follows_the_wal() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let left: i64 = s
-        .query_one(
-            "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_publication)",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let left = slots_and_publications(&s).await;
     assert_eq!(left, 0, "teardown must leave no slot and no publication");
 }
 
@@ -464,14 +457,7 @@ async fn check_reports_what_would_fail_and_changes_nothing() {
     // The text form is a table too, and check changed nothing on the source.
     let text = run(false);
     assert!(String::from_utf8_lossy(&text.stdout).contains("not ready to run"));
-    let created: i64 = s
-        .query_one(
-            "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_publication)",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let created = slots_and_publications(&s).await;
     assert_eq!(created, 0, "check must not create a slot or a publication");
 }
 
@@ -512,14 +498,7 @@ async fn hostile_names_are_names_and_a_failed_preflight_creates_nothing() {
         err.contains("target table public.only_on_source does not exist"),
         "{err}"
     );
-    let created: i64 = s
-        .query_one(
-            "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_publication)",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let created = slots_and_publications(&s).await;
     assert_eq!(
         created, 0,
         "a failed pre-flight must create no slot and no publication"

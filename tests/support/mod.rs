@@ -303,3 +303,15 @@ pub async fn wait_equal_digest(
 pub fn path_str(p: &Path) -> String {
     p.display().to_string()
 }
+
+/// Replication slots plus publications on a server: what a job may leave behind.
+pub async fn slots_and_publications(client: &tokio_postgres::Client) -> i64 {
+    client
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_publication)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}

@@ -925,19 +925,8 @@ impl Applier {
         for chunk in deletes.chunks(MAX_ROWS_PER_STATEMENT) {
             let _ = write!(self.sql, "DELETE FROM {target} WHERE ({key_list}) IN (");
             for (n, key_values) in chunk.iter().enumerate() {
-                self.sql.push_str(if n == 0 { "(" } else { ",(" });
-                for (m, v) in key_values.iter().enumerate() {
-                    if m > 0 {
-                        self.sql.push(',');
-                    }
-                    Self::push_value(
-                        &mut self.sql,
-                        v,
-                        plan.source_name(),
-                        &plan.columns[keys[m]].source,
-                    )?;
-                }
-                self.sql.push(')');
+                self.sql.push_str(if n == 0 { "" } else { "," });
+                Self::push_row(&mut self.sql, &plan, keys.iter().copied().zip(key_values))?;
             }
             self.sql.push_str(");");
             self.send_if_full().await?;
@@ -949,19 +938,8 @@ impl Applier {
                 plan.target_column_list()
             );
             for (n, row) in chunk.iter().enumerate() {
-                self.sql.push_str(if n == 0 { "(" } else { ",(" });
-                for (j, v) in row.iter().enumerate() {
-                    if j > 0 {
-                        self.sql.push(',');
-                    }
-                    Self::push_value(
-                        &mut self.sql,
-                        v,
-                        plan.source_name(),
-                        &plan.columns[j].source,
-                    )?;
-                }
-                self.sql.push(')');
+                self.sql.push_str(if n == 0 { "" } else { "," });
+                Self::push_row(&mut self.sql, &plan, row.iter().enumerate())?;
             }
             self.sql.push(';');
             self.send_if_full().await?;
@@ -1015,6 +993,23 @@ impl Applier {
                 self.send_if_full().await?;
             }
         }
+        Ok(())
+    }
+
+    /// Append `(v1,v2,...)`: the values of the given plan columns, as literals.
+    fn push_row<'a>(
+        sql: &mut String,
+        plan: &TablePlan,
+        values: impl Iterator<Item = (usize, &'a ColumnValue)>,
+    ) -> Result<()> {
+        sql.push('(');
+        for (n, (j, v)) in values.enumerate() {
+            if n > 0 {
+                sql.push(',');
+            }
+            Self::push_value(sql, v, plan.source_name(), &plan.columns[j].source)?;
+        }
+        sql.push(')');
         Ok(())
     }
 
