@@ -62,7 +62,7 @@ const ERROR_LOG_LINES: usize = 30;
 /// Settings the cluster manages itself; [`ClusterOptions::settings`] may not name them.
 const MANAGED_SETTINGS: &[&str] = &["port", "listen_addresses", "unix_socket_directories"];
 /// Environment variables that would steer the PostgreSQL tools away from this cluster.
-const PG_ENV: &[&str] = &[
+pub const PG_ENV: &[&str] = &[
     "PGDATA",
     "PGHOST",
     "PGHOSTADDR",
