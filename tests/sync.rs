@@ -524,3 +524,77 @@ async fn hostile_names_are_names_and_a_failed_preflight_creates_nothing() {
     }
     assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_fails_on_source_settings_and_foreign_slots() {
+    let (src, dst) = tokio::join!(
+        cutover::cluster::Cluster::start(
+            cutover::cluster::ClusterOptions::named("check2-src")
+                .setting("max_replication_slots", "2")
+                .setting("max_slot_wal_keep_size", "1GB")
+        ),
+        cluster("check2-dst")
+    );
+    let src = src.unwrap();
+    for c in [&src, &dst] {
+        c.create_database("db").await.unwrap();
+        c.execute("db", "CREATE TABLE public.t (id int PRIMARY KEY)")
+            .await
+            .unwrap();
+    }
+    // Someone else's slot under the job's name, and no slot left free.
+    src.execute(
+        "db",
+        "SELECT pg_create_logical_replication_slot('cutover_check2', 'test_decoding');
+         SELECT pg_create_logical_replication_slot('other', 'pgoutput');",
+    )
+    .await
+    .unwrap();
+    let job = Job::write("check2", &src.url("db"), &dst.url("db"), "");
+    let out = std::process::Command::new(bin())
+        .arg("check")
+        .arg(&job.path)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let result = |name: &str| {
+        doc["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["check"] == name)
+            .unwrap_or_else(|| panic!("{name}: {doc}"))
+            .clone()
+    };
+    assert_eq!(result("free replication slots")["result"], "fail");
+    assert_eq!(result("max_slot_wal_keep_size")["result"], "pass");
+    let slot = result("replication slot");
+    assert_eq!(slot["result"], "fail");
+    assert!(
+        slot["detail"]
+            .as_str()
+            .unwrap()
+            .contains("does not use pgoutput"),
+        "{slot}"
+    );
+    // And run refuses the foreign slot too, changing nothing.
+    let run = std::process::Command::new(bin())
+        .arg("run")
+        .arg(&job.path)
+        .output()
+        .unwrap();
+    assert_eq!(run.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("does not use pgoutput"));
+    let s = src.connect("db").await.unwrap();
+    let publications: i64 = s
+        .query_one("SELECT count(*) FROM pg_publication", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        publications, 0,
+        "a refused run must not create the publication"
+    );
+}

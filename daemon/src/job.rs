@@ -254,13 +254,18 @@ async fn run_once(ctx: &JobContext) -> Result<Ended> {
             .collect();
     });
 
+    // A slot we must not use is refused before anything is created on the source.
+    let slot_state = provision::slot_state(&source, &slot).await?;
+    if let Some(state) = &slot_state {
+        provision::check_slot_usable(&slot, state, &ctx.source.dbname)?;
+    }
     // The publication first, then the slot (hard case 14).
     let source_tables: Vec<TableName> = plans.iter().map(|p| p.source_name().clone()).collect();
     provision::ensure_publication(&source, &publication, &source_tables).await?;
 
     let mut snapshot_session = None;
-    match provision::slot_state(&source, &slot).await? {
-        Some(state) => provision::check_slot_usable(&slot, &state, &ctx.source.dbname)?,
+    match slot_state {
+        Some(_) => {}
         None => {
             let (session, created) = create_slot(ctx, &source, &slot, &publication, false).await?;
             // A new slot starts a new history: whatever an earlier slot of this job left
