@@ -271,6 +271,7 @@ async fn a_lost_slot_is_refused_not_recreated() {
     let mut daemon = Daemon::start(&job);
     daemon.wait_phase("streaming", TIMEOUT).await;
     assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
+    assert_eq!(slot_check(&job), ("pass".to_string(), true));
     // With the job stopped, write far more WAL than the slot may keep.
     let deadline = std::time::Instant::now() + TIMEOUT;
     loop {
@@ -296,6 +297,7 @@ async fn a_lost_slot_is_refused_not_recreated() {
             "the slot never became lost: {status:?}"
         );
     }
+    assert_eq!(slot_check(&job), ("fail".to_string(), false));
     let out = std::process::Command::new(bin())
         .arg("run")
         .arg(&job.path)
@@ -317,4 +319,30 @@ async fn a_lost_slot_is_refused_not_recreated() {
         .unwrap()
         .get(0);
     assert_eq!(slots, 0);
+}
+
+/// `cutover check`'s verdict on the job's slot, and whether it called it ours and usable.
+fn slot_check(job: &Job) -> (String, bool) {
+    let out = std::process::Command::new(bin())
+        .arg("check")
+        .arg(&job.path)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let slot = doc["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["check"] == "replication slot")
+        .unwrap()
+        .clone();
+    let detail = slot["detail"].as_str().unwrap_or_default().to_string();
+    if slot["result"] == "fail" {
+        assert!(detail.contains("is lost"), "{slot}");
+    }
+    (
+        slot["result"].as_str().unwrap().to_string(),
+        detail.contains("exists (ours"),
+    )
 }

@@ -162,3 +162,63 @@ async fn the_canary_password_appears_nowhere() {
         "{seen:?}"
     );
 }
+
+/// Connection failures name host:port and the cause, with a fix, on one line.
+#[tokio::test(flavor = "multi_thread")]
+async fn connection_failures_name_the_endpoint_and_the_cause() {
+    let dst = cluster("conn-dst").await;
+    dst.create_database("db").await.unwrap();
+    let refused = free_port();
+    // A listener that never answers: the TCP connect succeeds and the startup hangs.
+    // (connect_timeout=1 counts as 2, as in libpq.)
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let cases = [
+        (
+            format!("postgresql://alice:{CANARY}@127.0.0.1:{refused}/db"),
+            format!(
+                "could not connect to 127.0.0.1:{refused}/db as user \"alice\": connection refused"
+            ),
+            "check that the server is running",
+        ),
+        (
+            format!("postgresql://alice:{CANARY}@127.0.0.1:{silent_port}/db?connect_timeout=1"),
+            format!(
+                "could not connect to 127.0.0.1:{silent_port}/db as user \"alice\": timed out after 2s"
+            ),
+            "firewall",
+        ),
+        (
+            format!(
+                "postgresql://postgres:{CANARY}@127.0.0.1:{}/db?sslmode=require",
+                dst.port()
+            ),
+            format!(
+                "sslmode=require is not supported yet for 127.0.0.1:{}/db",
+                dst.port()
+            ),
+            "sslmode=disable or prefer",
+        ),
+    ];
+    for (url, primary, hint) in cases {
+        let job = Job::write("conn", &url, &dst.url("db"), "");
+        // `run` stops on what cannot pass by waiting (TLS); `check` reports every case.
+        let out = std::process::Command::new(bin())
+            .arg("check")
+            .arg(&job.path)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(1), "{stdout}");
+        assert!(
+            stdout.contains(&primary),
+            "expected {primary:?} in:\n{stdout}"
+        );
+        assert!(
+            stdout.contains(hint),
+            "expected a fix mentioning {hint:?} in:\n{stdout}"
+        );
+        assert!(!stdout.contains(CANARY) && !String::from_utf8_lossy(&out.stderr).contains(CANARY));
+    }
+    drop(silent);
+}

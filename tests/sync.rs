@@ -598,3 +598,127 @@ async fn check_fails_on_source_settings_and_foreign_slots() {
         "a refused run must not create the publication"
     );
 }
+
+/// The result of the check named `name` (a prefix) in a `check --json` document.
+fn check_result(doc: &serde_json::Value, name: &str) -> serde_json::Value {
+    let checks = doc["checks"].as_array().unwrap();
+    checks
+        .iter()
+        .find(|c| c["check"] == name)
+        .or_else(|| {
+            checks
+                .iter()
+                .find(|c| c["check"].as_str().unwrap().starts_with(name))
+        })
+        .unwrap_or_else(|| panic!("no check {name}: {doc}"))
+        .clone()
+}
+
+fn run_check(job: &Job) -> (Option<i32>, serde_json::Value) {
+    let out = std::process::Command::new(bin())
+        .arg("check")
+        .arg(&job.path)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let doc = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.code(), doc)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn check_covers_roles_wal_level_columns_types_and_loops() {
+    let (src, dst) = tokio::join!(
+        cutover::cluster::Cluster::start(
+            cutover::cluster::ClusterOptions::named("check3-src").setting("wal_level", "replica")
+        ),
+        cluster("check3-dst")
+    );
+    let src = src.unwrap();
+    let tables = "CREATE TABLE public.gen (id int PRIMARY KEY, a int, b int GENERATED ALWAYS AS (a * 2) STORED);
+         CREATE TABLE public.lob (id int PRIMARY KEY, doc oid);
+         CREATE TABLE public.txtkey (k text PRIMARY KEY, v int);";
+    src.create_database("db").await.unwrap();
+    dst.create_database("db").await.unwrap();
+    src.execute(
+        "db",
+        &format!(
+            "{tables} CREATE TABLE public.typed (id int PRIMARY KEY, v int);
+                  CREATE ROLE norepl LOGIN; GRANT SELECT ON ALL TABLES IN SCHEMA public TO norepl;"
+        ),
+    )
+    .await
+    .unwrap();
+    dst.execute(
+        "db",
+        &format!("{tables} CREATE TABLE public.typed (id int PRIMARY KEY, v bigint);"),
+    )
+    .await
+    .unwrap();
+    let job = Job::write(
+        "check3",
+        &src.url("db").replace("postgres@", "norepl@"),
+        &dst.url("db"),
+        "",
+    );
+    let (code, doc) = run_check(&job);
+    assert_eq!(code, Some(1));
+    assert_eq!(check_result(&doc, "wal_level")["result"], "fail");
+    assert!(
+        check_result(&doc, "wal_level")["fix"]
+            .as_str()
+            .unwrap()
+            .contains("wal_level = logical")
+    );
+    let repl = check_result(&doc, "source replication connection");
+    assert_eq!(repl["result"], "fail", "{repl}");
+    assert!(
+        repl["fix"].as_str().unwrap().contains("REPLICATION"),
+        "{repl}"
+    );
+    assert_eq!(
+        check_result(&doc, "table public.gen -> public.gen: generated")["result"],
+        "warn"
+    );
+    assert_eq!(
+        check_result(&doc, "table public.lob -> public.lob: large objects")["result"],
+        "warn"
+    );
+    assert_eq!(
+        check_result(&doc, "table public.txtkey -> public.txtkey: key storage")["result"],
+        "warn"
+    );
+    let typed = check_result(&doc, "table public.typed -> public.typed");
+    assert_eq!(typed["result"], "fail");
+    assert!(
+        typed["detail"]
+            .as_str()
+            .unwrap()
+            .contains("integer on the source but bigint on the target"),
+        "{typed}"
+    );
+    assert_eq!(
+        check_result(&doc, "table public.gen -> public.gen")["result"],
+        "pass"
+    );
+
+    // Same database: a target table that is itself published would loop.
+    dst.execute(
+        "db",
+        "CREATE SCHEMA v2; CREATE TABLE v2.typed (id int PRIMARY KEY, v bigint); CREATE PUBLICATION other FOR TABLE v2.typed;",
+    )
+    .await
+    .unwrap();
+    let same = Job::write(
+        "check3b",
+        &dst.url("db"),
+        &dst.url("db"),
+        "[[table]]\nsource = \"public.typed\"\ntarget = \"v2.typed\"\n",
+    );
+    let (code, doc) = run_check(&same);
+    assert_eq!(code, Some(1));
+    assert_eq!(
+        check_result(&doc, "table public.typed -> v2.typed: loop")["result"],
+        "fail"
+    );
+}

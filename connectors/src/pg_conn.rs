@@ -63,10 +63,13 @@ pub async fn connect(params: &ConnParams, application_name: &str) -> Result<Clie
         .hint("connect over a private network or a unix socket with sslmode=disable or prefer"));
     }
     let cfg = pg_config(params, application_name);
-    let (client, connection) = cfg
-        .connect(NoTls)
-        .await
-        .map_err(|e| connect_error(params, &e))?;
+    // connect_timeout bounds the TCP connect only; a server that accepts and then says
+    // nothing would hang the startup forever, so the whole connect gets the same bound.
+    let limit = connect_timeout(params);
+    let (client, connection) = match tokio::time::timeout(limit, cfg.connect(NoTls)).await {
+        Ok(result) => result.map_err(|e| connect_error(params, &e))?,
+        Err(_) => return Err(timeout_error(params, limit)),
+    };
     let endpoint = params.endpoint();
     tokio::spawn(async move {
         if let Err(e) = connection.await {
@@ -74,6 +77,22 @@ pub async fn connect(params: &ConnParams, application_name: &str) -> Result<Clie
         }
     });
     Ok(client)
+}
+
+/// How long one connection attempt may take, startup and authentication included.
+pub fn connect_timeout(params: &ConnParams) -> Duration {
+    params.connect_timeout.unwrap_or(Duration::from_secs(10))
+}
+
+/// The error for a connection attempt that took longer than `limit`.
+pub fn timeout_error(params: &ConnParams, limit: Duration) -> Error {
+    Error::transient(format!(
+        "could not connect to {} as user \"{}\": timed out after {}s",
+        params.endpoint(),
+        params.user,
+        limit.as_secs_f64()
+    ))
+    .hint("check the host, the port and any firewall between cutover and the server; connect_timeout in the url sets the limit")
 }
 
 fn sslmode_name(mode: SslMode) -> &'static str {

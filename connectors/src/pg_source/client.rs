@@ -133,14 +133,21 @@ impl ReplicationSession {
     ) -> Result<Self> {
         let endpoint = params.endpoint();
         let cfg = config(params, slot, publication, start, application_name);
-        let mut client = ReplicationClient::connect_gated(cfg)
+        let limit = crate::pg_conn::connect_timeout(params);
+        let open = async {
+            let mut client = ReplicationClient::connect_gated(cfg)
+                .await
+                .map_err(|e| wire_error("open a replication connection", &endpoint, e))?;
+            // Prove the session is up (and authenticated) before handing it out.
+            client
+                .identify_system()
+                .await
+                .map_err(|e| wire_error("open a replication connection", &endpoint, e))?;
+            Ok::<_, Error>(client)
+        };
+        let client = tokio::time::timeout(limit, open)
             .await
-            .map_err(|e| wire_error("open a replication connection", &endpoint, e))?;
-        // Prove the session is up (and authenticated) before handing it out.
-        client
-            .identify_system()
-            .await
-            .map_err(|e| wire_error("open a replication connection", &endpoint, e))?;
+            .map_err(|_| crate::pg_conn::timeout_error(params, limit))??;
         Ok(Self { client, endpoint })
     }
 
