@@ -838,8 +838,12 @@ impl Drop for Cluster {
 // ----- helpers -----
 
 /// Where the temporary directories go: short, so that socket paths stay under ~107 bytes, and
-/// reachable by the `postgres` user when running as root.
+/// reachable by the `postgres` user when running as root. `CUTOVER_TMPDIR` overrides it (it
+/// must be short and traversable by that user too).
 fn temp_base() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CUTOVER_TMPDIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir);
+    }
     let tmp = Path::new("/tmp");
     if tmp.is_dir() {
         tmp.to_path_buf()
