@@ -630,7 +630,9 @@ fn run_check(job: &Job) -> (Option<i32>, serde_json::Value) {
 async fn check_covers_roles_wal_level_columns_types_and_loops() {
     let (src, dst) = tokio::join!(
         cutover::cluster::Cluster::start(
-            cutover::cluster::ClusterOptions::named("check3-src").setting("wal_level", "replica")
+            cutover::cluster::ClusterOptions::named("check3-src")
+                .setting("wal_level", "replica")
+                .setting("max_wal_senders", "1")
         ),
         cluster("check3-dst")
     );
@@ -651,7 +653,10 @@ async fn check_covers_roles_wal_level_columns_types_and_loops() {
     .unwrap();
     dst.execute(
         "db",
-        &format!("{tables} CREATE TABLE public.typed (id int PRIMARY KEY, v bigint);"),
+        &format!(
+            "{tables} CREATE TABLE public.typed (id int PRIMARY KEY, v bigint);
+             ALTER TABLE public.txtkey DROP CONSTRAINT txtkey_pkey, ADD PRIMARY KEY (v);"
+        ),
     )
     .await
     .unwrap();

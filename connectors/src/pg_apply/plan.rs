@@ -75,6 +75,21 @@ impl TablePlan {
                 source.name, target.name
             )));
         }
+        // Updates and deletes find their target row by the target key, with values the
+        // source sends for its own key: the two keys must be the same columns (unless the
+        // source sends whole old rows).
+        let source_key: Vec<&str> = source.key_columns().map(|c| c.name.as_str()).collect();
+        let target_key: Vec<&str> = target.key_columns().map(|c| c.name.as_str()).collect();
+        if source.replica_identity != 'f' && !target_key.is_empty() && source_key != target_key {
+            return Err(Error::operator(format!(
+                "the key of {} ({}) differs from the key of {} ({})",
+                target.name,
+                target_key.join(", "),
+                source.name,
+                if source_key.is_empty() { "none".to_string() } else { source_key.join(", ") }
+            ))
+            .hint("give the target the source's primary key, or set REPLICA IDENTITY FULL on the source table"));
+        }
         if target.key_columns().next().is_none() && source.replica_identity != 'f' {
             return Err(Error::operator(format!(
                 "table {} has no primary key on the target and no REPLICA IDENTITY FULL on the source",
