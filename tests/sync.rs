@@ -727,3 +727,46 @@ async fn check_covers_roles_wal_level_columns_types_and_loops() {
         "fail"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn partitioned_tables_arrive_under_their_root() {
+    let (src, dst) = tokio::join!(cluster("part-src"), cluster("part-dst"));
+    let schema = "CREATE TABLE public.events (id int, at date NOT NULL, v text, PRIMARY KEY (id, at)) PARTITION BY RANGE (at);
+        CREATE TABLE public.events_2024 PARTITION OF public.events FOR VALUES FROM ('2024-01-01') TO ('2025-01-01');
+        CREATE TABLE public.events_2025 PARTITION OF public.events FOR VALUES FROM ('2025-01-01') TO ('2026-01-01');";
+    src.create_database("db").await.unwrap();
+    dst.create_database("db").await.unwrap();
+    src.execute("db", schema).await.unwrap();
+    // The target need not be partitioned the same way: here it is one plain table.
+    dst.execute(
+        "db",
+        "CREATE TABLE public.events (id int, at date NOT NULL, v text, PRIMARY KEY (id, at));",
+    )
+    .await
+    .unwrap();
+    src.execute("db", "INSERT INTO events SELECT g, date '2024-06-01' + (g % 400), 'v' FROM generate_series(1, 2000) g")
+        .await
+        .unwrap();
+    let s = src.connect("db").await.unwrap();
+    let d = dst.connect("db").await.unwrap();
+    let job = Job::write("part", &src.url("db"), &dst.url("db"), "");
+    let mut daemon = Daemon::start(&job);
+    daemon.wait_phase("streaming", TIMEOUT).await;
+    s.batch_execute(
+        "INSERT INTO events VALUES (5000, '2025-03-01', 'new');
+         UPDATE events SET v = 'moved', at = '2025-02-02' WHERE id = 10;   -- moves across partitions
+         DELETE FROM events WHERE id % 10 = 3;",
+    )
+    .await
+    .unwrap();
+    wait_equal(
+        &s,
+        &d,
+        "public.events",
+        "public.events",
+        TIMEOUT,
+        Some(&daemon),
+    )
+    .await;
+    assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
+}
