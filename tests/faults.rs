@@ -17,6 +17,7 @@ CREATE TABLE public.counters (id int PRIMARY KEY, n bigint NOT NULL, touched tim
 CREATE TABLE public.journal (op bigint NOT NULL, note text);
 ALTER TABLE public.journal REPLICA IDENTITY FULL;
 CREATE TABLE public.big (id bigint PRIMARY KEY, pad text);
+CREATE INDEX big_pad_prefix ON public.big (left(pad, 10));
 ";
 
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -207,6 +208,30 @@ async fn kill_9_during_the_snapshot_then_restart() {
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
     assert_equal(&s, &d, &daemon).await;
+    // The big table's indexes were built after its copy, and are all back.
+    let indexes: Vec<String> = d
+        .query(
+            "SELECT indexname::text FROM pg_indexes WHERE tablename = 'big' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        indexes,
+        vec!["big_pad_prefix".to_string(), "big_pkey".to_string()]
+    );
+    let deferred: i64 = d
+        .query_one(
+            "SELECT count(*) FROM cutover.tables WHERE deferred_indexes IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(deferred, 0);
     // No temporary slot and no stray objects remain besides the job's slot.
     let slots: Vec<String> = s
         .query(

@@ -232,6 +232,7 @@ async fn run_once(ctx: &JobContext) -> Result<Ended> {
     let publication = slot.clone();
     let source = pg_conn::connect(&ctx.source, &ctx.app_name("control")).await?;
     let target = pg_conn::connect(&ctx.target, &ctx.app_name("control")).await?;
+    pg_apply::undo_interrupted_deferrals(&target, &spec.name).await?;
     let plans = plan_tables(ctx, &source, &target).await?;
     pg_apply::ensure_state_schema(&target).await?;
     ctx.status.update(|s| {
@@ -419,6 +420,7 @@ async fn copy_tables(
         )
         .await?;
         pg_apply::truncate_target(target, plan).await?;
+        pg_apply::defer_indexes(target, plan, &spec.name).await?;
         let pages = plan.source.pages.max(0) as u64;
         let chunks = pg_apply::plan_chunks(plan.source.relkind, pages, parallelism);
         remaining.insert(plan.source_name().clone(), chunks.len());
@@ -495,7 +497,7 @@ async fn copy_tables(
                     *n == 0
                 };
                 if finished {
-                    pg_apply::mark_done(d, &plan, &ctx.spec.name).await?;
+                    pg_apply::restore_indexes_and_mark_done(d, &plan, &ctx.spec.name).await?;
                     tracing::info!(table = %name, "snapshot copy done");
                 }
                 ctx.status.update(|s| {

@@ -10,12 +10,14 @@
 
 mod apply;
 mod copy;
+mod indexes;
 mod net;
 mod plan;
 mod state;
 
 pub use apply::{Applier, ApplyStats, GroupLimits};
 pub use copy::{CopyChunk, CopyCounters, copy_chunk, mark_done, plan_chunks, truncate_target};
+pub use indexes::{defer_indexes, restore_indexes_and_mark_done, undo_interrupted_deferrals};
 pub use plan::{ColumnMap, TablePlan};
 pub use state::{
     Progress, TableState, ensure_state_schema, mark_table_started, read_progress, read_table_states,

@@ -49,7 +49,8 @@ CREATE TABLE IF NOT EXISTS cutover.tables (
     started_at timestamptz NOT NULL DEFAULT now(),
     done_at timestamptz,
     PRIMARY KEY (job, source_table)
-);";
+);
+ALTER TABLE cutover.tables ADD COLUMN IF NOT EXISTS deferred_indexes text[];";
 
 fn err(what: &str, e: tokio_postgres::Error) -> Error {
     Error::from_pg(what, "the target", &e)
