@@ -2079,7 +2079,7 @@ fn render(samples: &[Sample], env: &EnvInfo, args: &Args, elapsed: Duration) -> 
             };
             let _ = writeln!(
                 md,
-                "  - cutover timed to its own status `applied_lsn` reaching the end (its slot confirmations reach the server only on a 1 s status interval, which rounds the slot-based time up): {} txns/s = {} best peer, {} floor",
+                "  - cutover timed to its own status `applied_lsn` reaching the end (its slot confirmations reach the server on a 250 ms status interval, which rounds the slot-based time up): {} txns/s = {} best peer, {} floor",
                 fmt_rate(rate),
                 vs(best.map(|b| b.0)),
                 vs(floor)
