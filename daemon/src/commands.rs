@@ -6,7 +6,7 @@
 //! Every entry point returns `Ok(Outcome)` for an answer (exit 0 or 1) and `Err` when
 //! it could not answer (exit 2; `main` prints the error as one line).
 //!
-//! `verify` and `log` are not implemented yet and say so (exit 2).
+//! `log` is not implemented yet and says so (exit 2).
 
 use crate::cli::{
     CheckArgs, DemoArgs, LogShowArgs, LogVerifyArgs, Outcome, RunArgs, TeardownArgs, VerifyArgs,
@@ -29,10 +29,8 @@ pub async fn check(args: &CheckArgs) -> anyhow::Result<Outcome> {
 }
 
 /// `cutover verify JOB.toml`.
-#[allow(clippy::unused_async, reason = "placeholder body; remove with it")]
 pub async fn verify(args: &VerifyArgs) -> anyhow::Result<Outcome> {
-    let _ = args;
-    not_implemented("verify")
+    crate::verify::verify(args).await
 }
 
 /// `cutover teardown JOB.toml`.

@@ -195,16 +195,18 @@ pub(crate) async fn resolve_tables(
 }
 
 /// Build a plan per table from both catalogs.
-async fn plan_tables(
-    ctx: &JobContext,
+pub(crate) async fn plan_tables(
+    spec: &JobSpec,
+    source_params: &ConnParams,
+    target_params: &ConnParams,
     source: &tokio_postgres::Client,
     target: &tokio_postgres::Client,
 ) -> Result<Vec<Arc<TablePlan>>> {
-    let same_database = ctx.source.host == ctx.target.host
-        && ctx.source.port == ctx.target.port
-        && ctx.source.dbname == ctx.target.dbname;
+    let same_database = source_params.host == target_params.host
+        && source_params.port == target_params.port
+        && source_params.dbname == target_params.dbname;
     let mut plans = Vec::new();
-    for (src, dst) in resolve_tables(&ctx.spec, source).await? {
+    for (src, dst) in resolve_tables(spec, source).await? {
         if same_database && src == dst {
             return Err(Error::operator(format!(
                 "table {src} would be copied onto itself: source and target are the same database"
@@ -233,7 +235,7 @@ async fn run_once(ctx: &JobContext) -> Result<Ended> {
     let source = pg_conn::connect(&ctx.source, &ctx.app_name("control")).await?;
     let target = pg_conn::connect(&ctx.target, &ctx.app_name("control")).await?;
     pg_apply::undo_interrupted_deferrals(&target, &spec.name).await?;
-    let plans = plan_tables(ctx, &source, &target).await?;
+    let plans = plan_tables(&ctx.spec, &ctx.source, &ctx.target, &source, &target).await?;
     pg_apply::ensure_state_schema(&target).await?;
     ctx.status.update(|s| {
         s.error = None;

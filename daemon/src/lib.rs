@@ -14,3 +14,4 @@ pub mod ready;
 pub mod run;
 pub mod status;
 pub mod teardown;
+pub mod verify;
