@@ -770,3 +770,78 @@ async fn partitioned_tables_arrive_under_their_root() {
     .await;
     assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tables_linked_by_foreign_keys_are_copied_and_streamed() {
+    let (src, dst) = tokio::join!(cluster("fk-src"), cluster("fk-dst"));
+    let schema = "CREATE TABLE public.customers (id int PRIMARY KEY, name text);
+        CREATE TABLE public.orders (id int PRIMARY KEY, customer_id int NOT NULL REFERENCES public.customers (id), total numeric);
+        CREATE INDEX orders_customer ON public.orders (customer_id);";
+    for c in [&src, &dst] {
+        c.create_database("db").await.unwrap();
+        c.execute("db", schema).await.unwrap();
+    }
+    src.execute(
+        "db",
+        "INSERT INTO customers SELECT g, 'c' || g FROM generate_series(1, 20000) g;
+         INSERT INTO orders SELECT g, 1 + g % 20000, g FROM generate_series(1, 200000) g;",
+    )
+    .await
+    .unwrap();
+    // Leftovers on the target: the copy must empty tables that foreign keys reference.
+    dst.execute(
+        "db",
+        "INSERT INTO customers VALUES (1, 'stale'); INSERT INTO orders VALUES (1, 1, 0);",
+    )
+    .await
+    .unwrap();
+    let s = src.connect("db").await.unwrap();
+    let d = dst.connect("db").await.unwrap();
+    let job = Job::write("fk", &src.url("db"), &dst.url("db"), "");
+    let mut daemon = Daemon::start(&job);
+    daemon.wait_phase("streaming", TIMEOUT).await;
+    s.batch_execute(
+        "BEGIN; INSERT INTO customers VALUES (30000, 'new'); INSERT INTO orders VALUES (300000, 30000, 1); COMMIT;
+         BEGIN; DELETE FROM orders WHERE customer_id = 7; DELETE FROM customers WHERE id = 7; COMMIT;",
+    )
+    .await
+    .unwrap();
+    wait_equal_digest(
+        &s,
+        &d,
+        "public.customers",
+        "public.customers",
+        TIMEOUT,
+        Some(&daemon),
+    )
+    .await;
+    wait_equal_digest(
+        &s,
+        &d,
+        "public.orders",
+        "public.orders",
+        TIMEOUT,
+        Some(&daemon),
+    )
+    .await;
+    // Every constraint and index is in place on the target afterwards.
+    let defs: i64 = d
+        .query_one(
+            "SELECT count(*) FROM pg_indexes WHERE tablename IN ('customers', 'orders')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(defs, 3);
+    let fks: i64 = d
+        .query_one(
+            "SELECT count(*) FROM pg_constraint WHERE contype = 'f'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(fks, 1);
+    assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
+}

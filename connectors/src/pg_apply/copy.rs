@@ -72,18 +72,32 @@ pub fn plan_chunks(relkind: char, pages: u64, parallelism: usize) -> Vec<CopyChu
         .collect()
 }
 
-/// Empty the target table before its copy starts (again).
+/// Empty the target table before its copy starts (again). A table that other tables'
+/// foreign keys reference cannot be truncated alone; it is emptied with DELETE instead, with
+/// the foreign-key triggers off for that transaction (the referencing tables are copied from
+/// the same snapshot).
 pub async fn truncate_target(target: &Client, plan: &TablePlan) -> Result<()> {
-    target
-        .batch_execute(&format!("TRUNCATE {}", plan.target_name().quoted()))
-        .await
-        .map_err(|e| {
-            Error::from_pg(
-                &format!("truncate {}", plan.target_name()),
-                "the target",
-                &e,
-            )
-        })
+    let table = plan.target_name().quoted();
+    let what = format!("empty {} before its copy", plan.target_name());
+    match target.batch_execute(&format!("TRUNCATE {table}")).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED) => {
+            let sql = format!(
+                "BEGIN; SET LOCAL session_replication_role = replica; DELETE FROM {table}; COMMIT;"
+            );
+            if let Err(e) = target.batch_execute(&sql).await {
+                let _ = target.batch_execute("ROLLBACK").await;
+                let mut err = Error::from_pg(&what, "the target", &e);
+                err.hint = Some(format!(
+                    "{} is referenced by foreign keys; empty it (and the tables referencing it) on the target, or let the target user set session_replication_role",
+                    plan.target_name()
+                ));
+                return Err(err);
+            }
+            Ok(())
+        }
+        Err(e) => Err(Error::from_pg(&what, "the target", &e)),
+    }
 }
 
 /// Copy one chunk of `plan`'s table from the snapshot `snapshot_name` into the target, and
