@@ -845,3 +845,84 @@ async fn tables_linked_by_foreign_keys_are_copied_and_streamed() {
     assert_eq!(fks, 1);
     assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn create_tables_builds_the_target_from_the_source() {
+    let (src, dst) = tokio::join!(cluster("create-src"), cluster("create-dst"));
+    src.create_database("db").await.unwrap();
+    dst.create_database("db").await.unwrap();
+    src.execute(
+        "db",
+        "CREATE TABLE public.items (id int PRIMARY KEY, sku text UNIQUE, price numeric CHECK (price >= 0),
+                                    doubled numeric GENERATED ALWAYS AS (price * 2) STORED, note text);
+         CREATE INDEX items_lower_sku ON public.items (lower(sku));
+         CREATE TABLE public.lines (item int, n int, qty int NOT NULL, PRIMARY KEY (item, n));
+         INSERT INTO items (id, sku, price) SELECT g, 'S' || g, g FROM generate_series(1, 5000) g;
+         INSERT INTO lines SELECT g % 100, g, 1 FROM generate_series(1, 3000) g;",
+    )
+    .await
+    .unwrap();
+    let s = src.connect("db").await.unwrap();
+    let d = dst.connect("db").await.unwrap();
+    let job = Job::write_with_target(
+        "create",
+        &src.url("db"),
+        &dst.url("db"),
+        "schema = \"shop\"\ncreate_tables = true",
+        "",
+    );
+    // check sees what run will create, and creates nothing itself.
+    let out = std::process::Command::new(bin())
+        .arg("check")
+        .arg(&job.path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("shop.items does not exist; run creates it"),
+        "{text}"
+    );
+    let before: i64 = d
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'shop'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(before, 0);
+
+    let mut daemon = Daemon::start(&job);
+    daemon.wait_phase("streaming", TIMEOUT).await;
+    s.batch_execute("UPDATE items SET price = price + 1 WHERE id < 100; DELETE FROM lines WHERE n % 3 = 0; INSERT INTO items (id, sku, price) VALUES (9999, 'new', 5);")
+        .await
+        .unwrap();
+    wait_equal(&s, &d, "public.items", "shop.items", TIMEOUT, Some(&daemon)).await;
+    wait_equal(&s, &d, "public.lines", "shop.lines", TIMEOUT, Some(&daemon)).await;
+    let indexes: Vec<String> = d
+        .query(
+            "SELECT indexname::text FROM pg_indexes WHERE schemaname = 'shop' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        indexes,
+        [
+            "items_lower_sku",
+            "items_pkey",
+            "items_sku_key",
+            "lines_pkey"
+        ]
+    );
+    let checks: i64 = d
+        .query_one("SELECT count(*) FROM pg_constraint WHERE contype = 'c' AND conrelid = 'shop.items'::regclass", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(checks, 1);
+    assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
+}

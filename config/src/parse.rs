@@ -75,7 +75,10 @@ const KEYS: &[(&str, &[&str])] = &[
         ],
     ),
     ("source", &["url", "password_env", "tables"]),
-    ("target", &["url", "password_env", "schema"]),
+    (
+        "target",
+        &["url", "password_env", "schema", "create_tables"],
+    ),
     ("table", &["source", "target", "columns", "where"]),
     ("snapshot", &["mode", "parallelism", "slot_wait"]),
     ("verify", &["every"]),
@@ -115,6 +118,7 @@ struct RawTarget {
     url: Option<Value>,
     password_env: Option<Value>,
     schema: Option<Value>,
+    create_tables: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -532,6 +536,19 @@ impl Ctx<'_> {
             Some(v) => Some(self.schema_name(v)?),
             None => None,
         };
+        let create_tables = match &tgt.create_tables {
+            None => false,
+            Some(v) => match v.get_ref() {
+                toml::Value::Boolean(b) => *b,
+                _ => {
+                    return Err(self.err(
+                        &v.span(),
+                        "[target] create_tables must be true or false",
+                        Some("write create_tables = true (without quotes)".to_owned()),
+                    ));
+                }
+            },
+        };
 
         let tables = self.tables(
             raw.table.as_deref().unwrap_or_default(),
@@ -592,6 +609,7 @@ impl Ctx<'_> {
             target: TargetSpec {
                 conn: target_conn,
                 schema: target_schema,
+                create_tables,
             },
             tables,
             snapshot,

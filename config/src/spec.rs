@@ -45,6 +45,9 @@ pub struct TargetSpec {
     pub conn: ConnSpec,
     /// Default target schema for tables mapped by name. `None`: the source's schema.
     pub schema: Option<String>,
+    /// Create missing target tables from the source's definitions (identity mapping only),
+    /// with their indexes built after the data is loaded. Default false.
+    pub create_tables: bool,
 }
 
 /// How to reach one database. The URL may hold a password; it is never

@@ -79,6 +79,7 @@ fn full_file_sets_every_key() {
         Some("TARGET_PGPASSWORD")
     );
     assert_eq!(spec.target.schema.as_deref(), Some("v2"));
+    assert!(spec.target.create_tables);
     assert_eq!(spec.tables.len(), 3);
     let orders = &spec.tables[0];
     assert_eq!(orders.source, "public.orders");
@@ -91,7 +92,7 @@ fn full_file_sets_every_key() {
             ("total_cents".to_owned(), "(total * 100)::bigint".to_owned()),
         ])
     );
-    assert_eq!(orders.line, 15);
+    assert_eq!(orders.line, 16);
     assert_eq!(spec.tables[1].source, r#"public."Order Items""#);
     assert_eq!(
         spec.tables[1].source_name(),

@@ -474,6 +474,13 @@ async fn check_tables(
                 ),
                 Err(e) => report.fail(&name, e.primary.clone(), e.hint.clone().unwrap_or_default()),
             },
+            Ok(None) if spec.target.create_tables => match pg_apply_sql(source, &src, &dst).await {
+                Ok(n) => report.pass(
+                    &name,
+                    format!("{dst} does not exist; run creates it ({n} statements)"),
+                ),
+                Err(e) => report.fail(&name, e.primary.clone(), e.hint.clone().unwrap_or_default()),
+            },
             Ok(None) => report.fail(
                 &name,
                 format!("target table {dst} does not exist"),
@@ -582,4 +589,15 @@ fn check_disk(data_dir: &Path, report: &mut Report) {
             "check it by hand (df)",
         ),
     }
+}
+
+/// How many statements creating `dst` like `src` takes (proves the definition can be read).
+async fn pg_apply_sql(
+    source: &Client,
+    src: &TableName,
+    dst: &TableName,
+) -> cutover_connectors::Result<usize> {
+    cutover_connectors::pg_apply::create_table_sql(source, src, dst)
+        .await
+        .map(|s| s.len())
 }

@@ -217,9 +217,14 @@ pub(crate) async fn plan_tables(
             Error::operator(format!("source table {src} does not exist"))
                 .hint("check the [[table]] source names and the [source] url's database")
         })?;
-        let t: TableInfo = catalog::table_info(target, &dst).await?.ok_or_else(|| {
+        let mut existing = catalog::table_info(target, &dst).await?;
+        if existing.is_none() && spec.target.create_tables {
+            pg_apply::create_target_table(source, target, &src, &dst).await?;
+            existing = catalog::table_info(target, &dst).await?;
+        }
+        let t: TableInfo = existing.ok_or_else(|| {
             Error::operator(format!("target table {dst} does not exist")).hint(format!(
-                "create it on the target (for example from pg_dump --schema-only -t {})",
+                "create it on the target (for example from pg_dump --schema-only -t {}), or set [target] create_tables = true",
                 src.quoted()
             ))
         })?;

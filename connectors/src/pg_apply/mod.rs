@@ -10,6 +10,7 @@
 
 mod apply;
 mod copy;
+mod create;
 mod indexes;
 mod net;
 mod plan;
@@ -17,6 +18,7 @@ mod state;
 
 pub use apply::{Applier, ApplyStats, GroupLimits};
 pub use copy::{CopyChunk, CopyCounters, copy_chunk, mark_done, plan_chunks, truncate_target};
+pub use create::{create_table_sql, create_target_table};
 pub use indexes::{defer_indexes, restore_indexes_and_mark_done, undo_interrupted_deferrals};
 pub use plan::{ColumnMap, TablePlan};
 pub use state::{
