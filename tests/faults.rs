@@ -276,15 +276,16 @@ async fn immediate_restarts_of_source_and_target_are_survived() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lost_slot_is_refused_not_recreated() {
     let (src, dst) = tokio::join!(
-        Cluster::start(
-            cutover::cluster::ClusterOptions::named("lost-src")
-                .setting("max_slot_wal_keep_size", "1MB")
-                .setting("max_wal_size", "64MB")
-                .setting("min_wal_size", "32MB")
+        cluster_with(
+            "lost-src",
+            &[
+                ("max_slot_wal_keep_size", "1MB"),
+                ("max_wal_size", "64MB"),
+                ("min_wal_size", "32MB"),
+            ]
         ),
         cluster("lost-dst")
     );
-    let src = src.unwrap();
     for c in [&src, &dst] {
         c.create_database("db").await.unwrap();
         c.execute("db", "CREATE TABLE public.t (id int PRIMARY KEY, pad text)")
@@ -348,13 +349,7 @@ async fn a_lost_slot_is_refused_not_recreated() {
 
 /// `cutover check`'s verdict on the job's slot, and whether it called it ours and usable.
 fn slot_check(job: &Job) -> (String, bool) {
-    let out = std::process::Command::new(bin())
-        .arg("check")
-        .arg(&job.path)
-        .arg("--json")
-        .output()
-        .unwrap();
-    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (_, doc) = run_json(&["check", job.path.to_str().unwrap()]);
     let slot = doc["checks"]
         .as_array()
         .unwrap()

@@ -21,13 +21,9 @@ fn peak_rss_kib(pid: u32) -> u64 {
 async fn two_million_row_transaction_in_bounded_memory() {
     // A short wal_sender_timeout: the walsender must hear from us during the long apply.
     let (src, dst) = tokio::join!(
-        cutover::cluster::Cluster::start(
-            cutover::cluster::ClusterOptions::named("large-src")
-                .setting("wal_sender_timeout", "3s")
-        ),
+        cluster_with("large-src", &[("wal_sender_timeout", "3s")]),
         cluster("large-dst")
     );
-    let src = src.unwrap();
     for c in [&src, &dst] {
         c.create_database("db").await.unwrap();
         c.execute(

@@ -528,14 +528,15 @@ async fn hostile_names_are_names_and_a_failed_preflight_creates_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn check_fails_on_source_settings_and_foreign_slots() {
     let (src, dst) = tokio::join!(
-        cutover::cluster::Cluster::start(
-            cutover::cluster::ClusterOptions::named("check2-src")
-                .setting("max_replication_slots", "2")
-                .setting("max_slot_wal_keep_size", "1GB")
+        cluster_with(
+            "check2-src",
+            &[
+                ("max_replication_slots", "2"),
+                ("max_slot_wal_keep_size", "1GB")
+            ]
         ),
         cluster("check2-dst")
     );
-    let src = src.unwrap();
     for c in [&src, &dst] {
         c.create_database("db").await.unwrap();
         c.execute("db", "CREATE TABLE public.t (id int PRIMARY KEY)")
@@ -615,28 +616,18 @@ fn check_result(doc: &serde_json::Value, name: &str) -> serde_json::Value {
 }
 
 fn run_check(job: &Job) -> (Option<i32>, serde_json::Value) {
-    let out = std::process::Command::new(bin())
-        .arg("check")
-        .arg(&job.path)
-        .arg("--json")
-        .output()
-        .unwrap();
-    let doc = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
-    (out.status.code(), doc)
+    run_json(&["check", job.path.to_str().unwrap()])
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn check_covers_roles_wal_level_columns_types_and_loops() {
     let (src, dst) = tokio::join!(
-        cutover::cluster::Cluster::start(
-            cutover::cluster::ClusterOptions::named("check3-src")
-                .setting("wal_level", "replica")
-                .setting("max_wal_senders", "1")
+        cluster_with(
+            "check3-src",
+            &[("wal_level", "replica"), ("max_wal_senders", "1")]
         ),
         cluster("check3-dst")
     );
-    let src = src.unwrap();
     let tables = "CREATE TABLE public.gen (id int PRIMARY KEY, a int, b int GENERATED ALWAYS AS (a * 2) STORED);
          CREATE TABLE public.lob (id int PRIMARY KEY, doc oid);
          CREATE TABLE public.txtkey (k text PRIMARY KEY, v int);";

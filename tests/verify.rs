@@ -15,15 +15,7 @@ ALTER TABLE public.bag REPLICA IDENTITY FULL;
 "#;
 
 fn verify(job: &Job) -> (Option<i32>, serde_json::Value) {
-    let out = std::process::Command::new(bin())
-        .arg("verify")
-        .arg(&job.path)
-        .arg("--json")
-        .output()
-        .unwrap();
-    let doc = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
-    (out.status.code(), doc)
+    run_json(&["verify", job.path.to_str().unwrap()])
 }
 
 fn table<'a>(doc: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {

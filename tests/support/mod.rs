@@ -16,9 +16,29 @@ use cutover::cluster::{Cluster, ClusterOptions};
 pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
 pub async fn cluster(name: &str) -> Cluster {
-    Cluster::start(ClusterOptions::named(name))
+    cluster_with(name, &[]).await
+}
+
+/// A cluster with extra `postgresql.conf` settings.
+pub async fn cluster_with(name: &str, settings: &[(&str, &str)]) -> Cluster {
+    let opts = settings
+        .iter()
+        .fold(ClusterOptions::named(name), |o, (k, v)| o.setting(*k, *v));
+    Cluster::start(opts)
         .await
         .expect("start a PostgreSQL cluster")
+}
+
+/// Run `cutover ARGS --json`: the exit code and the one JSON document it printed.
+pub fn run_json(args: &[&str]) -> (Option<i32>, serde_json::Value) {
+    let out = Command::new(bin())
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run cutover");
+    let doc = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.code(), doc)
 }
 
 /// A free TCP port on loopback for the daemon's API.
