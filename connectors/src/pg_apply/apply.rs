@@ -544,8 +544,12 @@ impl Applier {
             kind: b'U',
             shape,
         };
-        let mut out = std::mem::take(&mut self.sql);
-        let name = self.prepare(&mut out, key, || {
+        let args: Vec<(&TupleData, usize)> = set
+            .iter()
+            .map(|&j| (&upd.new, j))
+            .chain(matched.iter().map(|&j| (row, j)))
+            .collect();
+        self.execute_prepared(key, &plan, &idx, &args, || {
             let mut types = Vec::new();
             let mut assignments = Vec::new();
             for &j in &set {
@@ -563,41 +567,39 @@ impl Applier {
                 )
             };
             (sql, types)
-        });
-        self.sql = out;
-        let _ = write!(self.sql, "EXECUTE {name}(");
-        let mut first = true;
-        for &j in &set {
-            self.push_arg(&mut first, &upd.new, idx[j], &plan, j)?;
-        }
-        for &j in &matched {
-            self.push_arg(&mut first, row, idx[j], &plan, j)?;
-        }
-        self.sql.push_str(");");
+        })?;
         self.group_rows += 1;
         self.maybe_flush().await
     }
 
-    /// Append one `EXECUTE` argument: the value of plan column `j` from `tuple`.
-    fn push_arg(
+    /// Append `EXECUTE name(args)` for the statement `key`, preparing it first (from
+    /// `build`) when this session has not. Each argument is plan column `j` of a tuple.
+    fn execute_prepared(
         &mut self,
-        first: &mut bool,
-        tuple: &TupleData,
-        idx: usize,
+        key: StatementKey,
         plan: &TablePlan,
-        j: usize,
+        idx: &[usize],
+        args: &[(&TupleData, usize)],
+        build: impl FnOnce() -> (String, Vec<String>),
     ) -> Result<()> {
-        if !*first {
-            self.sql.push(',');
+        let mut out = std::mem::take(&mut self.sql);
+        let name = self.prepare(&mut out, key, build);
+        self.sql = out;
+        let _ = write!(self.sql, "EXECUTE {name}(");
+        for (n, (tuple, j)) in args.iter().enumerate() {
+            if n > 0 {
+                self.sql.push(',');
+            }
+            let v = Self::value(tuple, idx[*j], plan.source_name())?;
+            Self::push_value(
+                &mut self.sql,
+                v,
+                plan.source_name(),
+                &plan.columns[*j].source,
+            )?;
         }
-        *first = false;
-        let v = Self::value(tuple, idx, plan.source_name())?;
-        Self::push_value(
-            &mut self.sql,
-            v,
-            plan.source_name(),
-            &plan.columns[j].source,
-        )
+        self.sql.push_str(");");
+        Ok(())
     }
 
     /// The key columns (plan indexes) that find the row, refusing a key the stream left
@@ -740,8 +742,8 @@ impl Applier {
                 kind: b'D',
                 shape,
             };
-            let mut out = std::mem::take(&mut self.sql);
-            let name = self.prepare(&mut out, key, || {
+            let args: Vec<(&TupleData, usize)> = matched.iter().map(|&j| (old, j)).collect();
+            self.execute_prepared(key, &plan, &idx, &args, || {
                 let mut types = Vec::new();
                 let condition = Self::match_sql(&plan, &matched, &mut types);
                 (
@@ -750,14 +752,7 @@ impl Applier {
                     ),
                     types,
                 )
-            });
-            self.sql = out;
-            let _ = write!(self.sql, "EXECUTE {name}(");
-            let mut first = true;
-            for &j in &matched {
-                self.push_arg(&mut first, old, idx[j], &plan, j)?;
-            }
-            self.sql.push_str(");");
+            })?;
         }
         self.group_rows += 1;
         self.maybe_flush().await
