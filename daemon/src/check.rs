@@ -535,13 +535,8 @@ async fn check_slot_and_publication(
             e.hint.clone().unwrap_or_default(),
         ),
     }
-    let exists = source
-        .query_opt(
-            "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1",
-            &[&slot],
-        )
+    let exists = provision::publication_exists(source, &slot)
         .await
-        .map(|r| r.is_some())
         .unwrap_or(false);
     if exists {
         report.pass("publication", format!("\"{slot}\" exists"));

@@ -98,6 +98,18 @@ pub fn check_slot_usable(slot: &str, state: &SlotState, dbname: &str) -> Result<
     Ok(())
 }
 
+/// Whether the publication exists.
+pub async fn publication_exists(client: &Client, publication: &str) -> Result<bool> {
+    Ok(client
+        .query_opt(
+            "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1",
+            &[&publication],
+        )
+        .await
+        .map_err(|e| Error::from_pg("read the publication", "the source", &e))?
+        .is_some())
+}
+
 /// Create the job's publication for `tables`, or add tables it lacks. Tables already in it
 /// that the job no longer names are left alone (dropping them could lose a table someone
 /// else relies on); status reports them.
@@ -114,14 +126,7 @@ pub async fn ensure_publication(
         )
         .await
         .map_err(|e| Error::from_pg("read the publication", "the source", &e))?;
-    let exists = client
-        .query_opt(
-            "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1",
-            &[&publication],
-        )
-        .await
-        .map_err(|e| Error::from_pg("read the publication", "the source", &e))?
-        .is_some();
+    let exists = publication_exists(client, publication).await?;
     let have: std::collections::HashSet<TableName> = existing
         .iter()
         .map(|r| TableName::new(r.get::<_, String>(0), r.get::<_, String>(1)))
@@ -172,14 +177,7 @@ pub async fn drop_objects(client: &Client, slot: &str, publication: &str) -> Res
         .await
         .map_err(|e| Error::from_pg(&format!("drop replication slot \"{slot}\""), "the source", &e))?
         .is_some();
-    let had_pub = client
-        .query_opt(
-            "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1",
-            &[&publication],
-        )
-        .await
-        .map_err(|e| Error::from_pg("read the publication", "the source", &e))?
-        .is_some();
+    let had_pub = publication_exists(client, publication).await?;
     client
         .batch_execute(&format!(
             "DROP PUBLICATION IF EXISTS {}",
