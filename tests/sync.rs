@@ -228,6 +228,22 @@ async fn new_schema_in_the_same_database() {
         .map(|r| r.get(0))
         .collect();
     assert_eq!(published, vec!["public.items".to_string()]);
+    // A table created on the source after the start is reported, not silently ignored.
+    c.batch_execute("CREATE TABLE public.late (id int PRIMARY KEY)")
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let status = daemon.status().await.unwrap_or_default();
+        if status["unmapped_tables"] == serde_json::json!(["public.late"]) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not reported: {status}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
 }
 

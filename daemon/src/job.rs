@@ -732,6 +732,8 @@ async fn poll_source(ctx: JobContext) {
     let slot = ctx.slot();
     let mut client: Option<tokio_postgres::Client> = None;
     let mut samples: std::collections::VecDeque<(Instant, Lsn)> = Default::default();
+    let mut last_table_scan: Option<Instant> = None;
+    let mut reported_unmapped: Vec<String> = Vec::new();
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         if client.as_ref().is_none_or(|c| c.is_closed()) {
@@ -743,6 +745,16 @@ async fn poll_source(ctx: JobContext) {
         let Ok(current) = provision::current_wal_lsn(c).await else {
             continue;
         };
+        if last_table_scan.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+            last_table_scan = Some(Instant::now());
+            if let Ok(unmapped) = unmapped_tables(&ctx, c).await {
+                if !unmapped.is_empty() && unmapped != reported_unmapped {
+                    tracing::warn!(tables = %unmapped.join(", "), "source tables the job does not carry");
+                }
+                reported_unmapped.clone_from(&unmapped);
+                ctx.status.update(|s| s.unmapped_tables = unmapped);
+            }
+        }
         let slot_state = provision::slot_state(c, &slot).await.ok().flatten();
         let now = Instant::now();
         samples.push_back((now, current));
@@ -783,6 +795,44 @@ async fn poll_source(ctx: JobContext) {
             s.updated_at = rfc3339(SystemTime::now());
         });
     }
+}
+
+/// Source tables that match the job's patterns (or, with `[[table]]` entries, sit in the
+/// schemas they copy from) but are not among the job's tables.
+async fn unmapped_tables(ctx: &JobContext, source: &tokio_postgres::Client) -> Result<Vec<String>> {
+    let carried: std::collections::HashSet<String> = ctx
+        .status
+        .snapshot()
+        .tables
+        .iter()
+        .map(|t| t.source.clone())
+        .collect();
+    if carried.is_empty() {
+        return Ok(Vec::new());
+    }
+    let schemas: std::collections::HashSet<String> = ctx
+        .spec
+        .tables
+        .iter()
+        .filter_map(|t| TableName::parse(&t.source, "public").map(|n| n.schema))
+        .collect();
+    let all = catalog::list_tables(source).await?;
+    Ok(all
+        .into_iter()
+        .filter(|t| {
+            if ctx.spec.tables.is_empty() {
+                ctx.spec
+                    .source
+                    .tables
+                    .iter()
+                    .any(|p| catalog::matches_pattern(t, p))
+            } else {
+                schemas.contains(&t.schema)
+            }
+        })
+        .map(|t| t.to_string())
+        .filter(|t| !carried.contains(t))
+        .collect())
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` in UTC.

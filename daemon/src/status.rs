@@ -60,6 +60,10 @@ pub struct JobStatus {
     pub applied_rows: u64,
     /// The slot's retained WAL in bytes (`pg_current_wal_lsn() - restart_lsn`).
     pub slot_retained_bytes: Option<u64>,
+    /// Source tables the job does not carry although they match `[source] tables` (or sit
+    /// in a schema the job copies from): created after the job started, or left out. Their
+    /// changes are not replicated; add them to the job (a restart copies them).
+    pub unmapped_tables: Vec<String>,
     /// The error that stopped the job, or the incident being retried.
     pub error: Option<String>,
     /// When the status was last refreshed (RFC 3339, UTC).
@@ -80,6 +84,7 @@ impl JobStatus {
             applied_transactions: 0,
             applied_rows: 0,
             slot_retained_bytes: None,
+            unmapped_tables: Vec::new(),
             error: None,
             updated_at: String::new(),
         }
