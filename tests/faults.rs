@@ -209,16 +209,11 @@ async fn kill_9_during_the_snapshot_then_restart() {
     writer.await.unwrap();
     assert_equal(&s, &d, &daemon).await;
     // The big table's indexes were built after its copy, and are all back.
-    let indexes: Vec<String> = d
-        .query(
-            "SELECT indexname::text FROM pg_indexes WHERE tablename = 'big' ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let indexes = strings(
+        &d,
+        "SELECT indexname::text FROM pg_indexes WHERE tablename = 'big' ORDER BY 1",
+    )
+    .await;
     assert_eq!(
         indexes,
         vec!["big_pad_prefix".to_string(), "big_pkey".to_string()]
@@ -233,16 +228,11 @@ async fn kill_9_during_the_snapshot_then_restart() {
         .get(0);
     assert_eq!(deferred, 0);
     // No temporary slot and no stray objects remain besides the job's slot.
-    let slots: Vec<String> = s
-        .query(
-            "SELECT slot_name::text FROM pg_replication_slots ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let slots = strings(
+        &s,
+        "SELECT slot_name::text FROM pg_replication_slots ORDER BY 1",
+    )
+    .await;
     assert_eq!(slots, vec!["cutover_kill_snap".to_string()]);
 }
 

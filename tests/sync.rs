@@ -220,13 +220,7 @@ async fn new_schema_in_the_same_database() {
         .unwrap();
     wait_equal(&c, &c, "public.items", "v2.items", TIMEOUT, Some(&daemon)).await;
     // The publication lists the source table only: the apply's writes are not published back.
-    let published: Vec<String> = c
-        .query("SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = 'cutover_samedb'", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let published = strings(&c, "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = 'cutover_samedb'").await;
     assert_eq!(published, vec!["public.items".to_string()]);
     // A table created on the source after the start is reported, not silently ignored.
     c.batch_execute("CREATE TABLE public.late (id int PRIMARY KEY)")
@@ -898,6 +892,22 @@ async fn create_tables_builds_the_target_from_the_source() {
         .unwrap()
         .get(0);
     assert_eq!(before, 0);
+    // verify only reads: it reports the missing table instead of creating it.
+    let verify = std::process::Command::new(bin())
+        .arg("verify")
+        .arg(&job.path)
+        .output()
+        .unwrap();
+    assert_eq!(verify.status.code(), Some(2));
+    let after: i64 = d
+        .query_one(
+            "SELECT count(*) FROM pg_namespace WHERE nspname = 'shop'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(after, 0, "verify must not create target tables");
 
     let mut daemon = Daemon::start(&job);
     daemon.wait_phase("streaming", TIMEOUT).await;
@@ -906,16 +916,11 @@ async fn create_tables_builds_the_target_from_the_source() {
         .unwrap();
     wait_equal(&s, &d, "public.items", "shop.items", TIMEOUT, Some(&daemon)).await;
     wait_equal(&s, &d, "public.lines", "shop.lines", TIMEOUT, Some(&daemon)).await;
-    let indexes: Vec<String> = d
-        .query(
-            "SELECT indexname::text FROM pg_indexes WHERE schemaname = 'shop' ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let indexes = strings(
+        &d,
+        "SELECT indexname::text FROM pg_indexes WHERE schemaname = 'shop' ORDER BY 1",
+    )
+    .await;
     assert_eq!(
         indexes,
         [

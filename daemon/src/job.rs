@@ -73,7 +73,7 @@ pub async fn run(ctx: JobContext) -> Result<()> {
     let mut incident: Option<String> = None;
     let mut incident_since = Instant::now();
     let result = loop {
-        let started = Instant::now();
+        let applied_before = ctx.status.snapshot().applied_lsn;
         match run_once(&ctx).await {
             Ok(Ended::Stopped) => break Ok(()),
             Err(e)
@@ -95,7 +95,9 @@ pub async fn run(ctx: JobContext) -> Result<()> {
                     incident_since = Instant::now();
                 }
                 ctx.status.update(|s| s.error = Some(text));
-                if started.elapsed() > Duration::from_secs(30) {
+                // An attempt that applied something was a success interrupted: start the
+                // backoff over, so a second incident soon after is not waited out long.
+                if ctx.status.snapshot().applied_lsn != applied_before {
                     backoff = Duration::from_millis(500);
                 }
                 let mut shutdown = ctx.shutdown.clone();
@@ -103,7 +105,7 @@ pub async fn run(ctx: JobContext) -> Result<()> {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.wait_for(|s| *s) => break Ok(()),
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
             Err(e) if ctx.stopping() && e.is_transient() => break Ok(()),
             Err(e) => break Err(e),
@@ -194,8 +196,11 @@ pub(crate) async fn resolve_tables(
     Ok(picked)
 }
 
-/// Build a plan per table from both catalogs.
+/// Build a plan per table from both catalogs. With `create_missing` (only `run` passes it)
+/// and `[target] create_tables`, missing target tables are created first; everyone else
+/// only reads.
 pub(crate) async fn plan_tables(
+    create_missing: bool,
     spec: &JobSpec,
     source_params: &ConnParams,
     target_params: &ConnParams,
@@ -218,7 +223,7 @@ pub(crate) async fn plan_tables(
                 .hint("check the [[table]] source names and the [source] url's database")
         })?;
         let mut existing = catalog::table_info(target, &dst).await?;
-        if existing.is_none() && spec.target.create_tables {
+        if existing.is_none() && create_missing && spec.target.create_tables {
             pg_apply::create_target_table(source, target, &src, &dst).await?;
             existing = catalog::table_info(target, &dst).await?;
         }
@@ -240,7 +245,7 @@ async fn run_once(ctx: &JobContext) -> Result<Ended> {
     let source = pg_conn::connect(&ctx.source, &ctx.app_name("control")).await?;
     let target = pg_conn::connect(&ctx.target, &ctx.app_name("control")).await?;
     pg_apply::undo_interrupted_deferrals(&target, &spec.name).await?;
-    let plans = plan_tables(&ctx.spec, &ctx.source, &ctx.target, &source, &target).await?;
+    let plans = plan_tables(true, &ctx.spec, &ctx.source, &ctx.target, &source, &target).await?;
     pg_apply::ensure_state_schema(&target).await?;
     ctx.status.update(|s| {
         s.error = None;
@@ -615,6 +620,10 @@ async fn stream(
         replica_role,
     );
     let mut confirmed = progress.end_lsn;
+    let base = {
+        let s = ctx.status.snapshot();
+        (s.applied_transactions, s.applied_rows)
+    };
     ctx.status.update(|s| {
         s.phase = Phase::Streaming;
         s.applied_lsn = Some(confirmed.to_string());
@@ -627,7 +636,7 @@ async fn stream(
         if stopping && !applier.in_transaction() {
             if let Some(p) = applier.flush().await? {
                 stream.confirm(p.end_lsn);
-                publish_applied(ctx, &applier, p.end_lsn);
+                publish_applied(ctx, &applier, base, p.end_lsn);
             }
             stream.shutdown(Duration::from_secs(3)).await;
             tracing::info!(applied = %applier.committed().end_lsn, "stopped");
@@ -662,7 +671,7 @@ async fn stream(
                 {
                     stream.confirm(p.end_lsn);
                     confirmed = confirmed.max(p.end_lsn);
-                    publish_applied(ctx, &applier, confirmed);
+                    publish_applied(ctx, &applier, base, confirmed);
                 }
                 continue;
             }
@@ -677,7 +686,7 @@ async fn stream(
                 if let Some(p) = applier.commit(&c).await? {
                     stream.confirm(p.end_lsn);
                     confirmed = confirmed.max(p.end_lsn);
-                    publish_applied(ctx, &applier, confirmed);
+                    publish_applied(ctx, &applier, base, confirmed);
                 }
             }
             StreamEvent::Message(msg) => match msg {
@@ -694,7 +703,7 @@ async fn stream(
                     if let Some(p) = applier.commit(&c).await? {
                         stream.confirm(p.end_lsn);
                         confirmed = confirmed.max(p.end_lsn);
-                        publish_applied(ctx, &applier, confirmed);
+                        publish_applied(ctx, &applier, base, confirmed);
                     }
                 }
                 other => {
@@ -709,19 +718,21 @@ async fn stream(
                 if !applier.in_transaction() && !applier.has_uncommitted() && wal_end > confirmed {
                     stream.confirm(wal_end);
                     confirmed = wal_end;
-                    publish_applied(ctx, &applier, confirmed);
+                    publish_applied(ctx, &applier, base, confirmed);
                 }
             }
         }
     }
 }
 
-fn publish_applied(ctx: &JobContext, applier: &Applier, applied: Lsn) {
+/// Publish what is applied. `base` is what earlier attempts of this run applied, so the
+/// counters cover the whole run across retries.
+fn publish_applied(ctx: &JobContext, applier: &Applier, base: (u64, u64), applied: Lsn) {
     let stats = applier.stats();
     ctx.status.update(|s| {
         s.applied_lsn = Some(applied.to_string());
-        s.applied_transactions = stats.transactions;
-        s.applied_rows = stats.rows;
+        s.applied_transactions = base.0 + stats.transactions;
+        s.applied_rows = base.1 + stats.rows;
     });
 }
 

@@ -34,9 +34,16 @@ pub async fn verify(args: &VerifyArgs) -> anyhow::Result<Outcome> {
     let target = pg_conn::connect(&target_params, &app)
         .await
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let plans = crate::job::plan_tables(&spec, &source_params, &target_params, &source, &target)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let plans = crate::job::plan_tables(
+        false,
+        &spec,
+        &source_params,
+        &target_params,
+        &source,
+        &target,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
     let plans: Vec<Arc<TablePlan>> = if args.tables.is_empty() {
         plans
     } else {
@@ -240,13 +247,7 @@ async fn verify_table(
     plan: &Arc<TablePlan>,
 ) -> anyhow::Result<TableReport> {
     let columns = plan.columns.len();
-    let key_columns: Vec<usize> = plan
-        .columns
-        .iter()
-        .enumerate()
-        .filter(|(_, c)| c.key)
-        .map(|(j, _)| j)
-        .collect();
+    let key_columns: Vec<usize> = plan.key_indexes();
     let column_names: Vec<String> = plan.columns.iter().map(|c| c.target.clone()).collect();
     let key_names: Vec<String> = key_columns
         .iter()

@@ -107,14 +107,11 @@ pub fn bin() -> &'static str {
 
 impl Daemon {
     pub fn start(job: &Job) -> Daemon {
-        let log = job.dir.path().join(format!(
-            "daemon-{}.log",
-            Instant::now().elapsed().as_nanos()
-        ));
+        // One log per start, numbered by what the job's directory already holds.
         let n = std::fs::read_dir(job.dir.path())
             .map(|d| d.count())
             .unwrap_or(0);
-        let log = log.with_file_name(format!("daemon-{n}.log"));
+        let log = job.dir.path().join(format!("daemon-{n}.log"));
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(bin())
             .arg("run")
@@ -147,7 +144,7 @@ impl Daemon {
     /// SIGTERM, then wait for the exit code.
     pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
         let mut c = self.child.take()?;
-        unsafe_free_kill(c.id(), "TERM");
+        send_signal(c.id(), "TERM");
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(st)) = c.try_wait() {
@@ -215,7 +212,7 @@ impl Daemon {
     }
 }
 
-fn unsafe_free_kill(pid: u32, signal: &str) {
+fn send_signal(pid: u32, signal: &str) {
     let _ = Command::new("kill")
         .arg(format!("-{signal}"))
         .arg(pid.to_string())
@@ -334,4 +331,15 @@ pub async fn slots_and_publications(client: &tokio_postgres::Client) -> i64 {
         .await
         .unwrap()
         .get(0)
+}
+
+/// The first column of every row of `sql`, as text.
+pub async fn strings(client: &tokio_postgres::Client, sql: &str) -> Vec<String> {
+    client
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e:?}"))
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }

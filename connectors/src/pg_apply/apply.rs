@@ -680,13 +680,7 @@ impl Applier {
         let target = plan.target_name().quoted();
         let old = del.old.tuple();
         if plan.keyed() {
-            let keys: Vec<usize> = plan
-                .columns
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| c.key)
-                .map(|(j, _)| j)
-                .collect();
+            let keys: Vec<usize> = plan.key_indexes();
             let extend = matches!(self.open, Some(OpenStatement::Delete { oid, rows }) if oid == del.oid && rows < MAX_ROWS_PER_STATEMENT);
             if extend {
                 self.sql.push(',');
@@ -885,13 +879,7 @@ impl Applier {
         queue.bytes = 0;
         self.close_statement();
         let target = plan.target_name().quoted();
-        let keys: Vec<usize> = plan
-            .columns
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.key)
-            .map(|(j, _)| j)
-            .collect();
+        let keys: Vec<usize> = plan.key_indexes();
         let key_list = keys
             .iter()
             .map(|&j| quote_ident(&plan.columns[j].target))

@@ -116,6 +116,16 @@ impl TablePlan {
         &self.target.name
     }
 
+    /// The positions (in [`TablePlan::columns`]) of the target key's columns.
+    pub fn key_indexes(&self) -> Vec<usize> {
+        self.columns
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.key)
+            .map(|(j, _)| j)
+            .collect()
+    }
+
     /// Whether the target has a key that identifies rows (else rows are matched whole).
     pub fn keyed(&self) -> bool {
         self.columns.iter().any(|c| c.key)
