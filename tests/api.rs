@@ -84,6 +84,8 @@ fn snapshotting_status() -> JobStatus {
             rows_copied: 1200,
             bytes_copied: 64_000,
             snapshot_done: true,
+            needs_attention: None,
+            notes: Vec::new(),
         },
         TableStatus {
             source: "public.items".into(),
@@ -91,6 +93,8 @@ fn snapshotting_status() -> JobStatus {
             rows_copied: 17,
             bytes_copied: 900,
             snapshot_done: false,
+            needs_attention: None,
+            notes: Vec::new(),
         },
     ];
     status
@@ -363,7 +367,7 @@ async fn ready_json_prints_one_document_and_sets_the_exit_code() {
     assert_eq!(out.status.code(), Some(1));
     let stdout = text(&out.stdout);
     assert!(
-        stdout.starts_with("not ready: 3 of 3 gates unmet"),
+        stdout.starts_with("not ready: 3 of 4 gates unmet"),
         "{stdout}"
     );
     assert!(stdout.contains("snapshot"), "{stdout}");

@@ -847,6 +847,7 @@ impl Ctx<'_> {
             }
 
             let mut columns = BTreeMap::new();
+            let mut column_lines = BTreeMap::new();
             if let Some(cols) = &t.columns {
                 let mut entries: Vec<_> = cols.get_ref().iter().collect();
                 entries.sort_by_key(|(k, _)| k.span().start);
@@ -878,10 +879,12 @@ impl Ctx<'_> {
                             ));
                         }
                     };
+                    column_lines.insert(column.clone(), self.line(&key.span()));
                     columns.insert(column.clone(), expr);
                 }
             }
 
+            let filter_line = t.filter.as_ref().map(|v| self.line(&v.span()));
             let filter = match &t.filter {
                 Some(v) => {
                     let text = self.string(v, "[[table]] where", "where = \"region = 'eu'\"")?;
@@ -906,6 +909,8 @@ impl Ctx<'_> {
                 columns,
                 filter,
                 line,
+                column_lines,
+                filter_line,
             });
         }
         Ok(out)

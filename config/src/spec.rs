@@ -108,6 +108,10 @@ pub struct TableSpec {
     pub filter: Option<String>,
     /// The line of the `[[table]]` header in the job file (for messages).
     pub line: usize,
+    /// The line of each `[table.columns]` entry, by target column.
+    pub column_lines: BTreeMap<String, usize>,
+    /// The line of `where`, when there is one.
+    pub filter_line: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -13,7 +13,11 @@ pub struct ColumnInfo {
     pub type_oid: u32,
     /// `format_type(atttypid, atttypmod)`, qualified as needed under `search_path=pg_catalog`.
     pub type_name: String,
+    /// `format_type(atttypid, NULL)`: the type without its modifier.
+    pub base_type: String,
     pub not_null: bool,
+    /// A default (or identity) fills the column when an insert leaves it out.
+    pub has_default: bool,
     /// A generated column: never copied or written, the target computes it.
     pub generated: bool,
     /// Part of the primary key (or of the replica identity index when there is no key).
@@ -160,7 +164,8 @@ pub async fn table_info(client: &Client, name: &TableName) -> Result<Option<Tabl
                             JOIN pg_catalog.pg_am am ON am.oid = oc.opcmethod \
                             WHERE oc.opcdefault AND am.amname IN ('btree', 'hash') \
                               AND oc.opcintype IN (e.eq_oid, \
-                                 (SELECT typbasetype FROM pg_catalog.pg_type WHERE oid = e.eq_oid))) \
+                                 (SELECT typbasetype FROM pg_catalog.pg_type WHERE oid = e.eq_oid))), \
+                    pg_catalog.format_type(a.atttypid, NULL), (a.atthasdef OR a.attidentity <> '') \
              FROM pg_catalog.pg_attribute a JOIN elem e ON e.oid = a.atttypid \
              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
              ORDER BY a.attnum",
@@ -177,7 +182,9 @@ pub async fn table_info(client: &Client, name: &TableName) -> Result<Option<Tabl
                 attnum: r.get(1),
                 type_oid,
                 type_name: r.get(3),
+                base_type: r.get(8),
                 not_null: r.get(4),
+                has_default: r.get(9),
                 generated: r.get(5),
                 key: r.get(6),
                 has_equality: r.get(7),

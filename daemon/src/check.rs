@@ -6,7 +6,7 @@ use std::path::Path;
 
 use cutover_config::JobSpec;
 use cutover_connectors::catalog::{self, TableInfo};
-use cutover_connectors::pg_apply::TablePlan;
+use cutover_connectors::pg_apply::{self, TablePlan};
 use cutover_connectors::pg_conn;
 use cutover_connectors::pg_source::client::ReplicationSession;
 use cutover_connectors::pg_source::provision;
@@ -376,7 +376,7 @@ async fn check_tables(
         .await
         .map(|rows| rows.iter().map(|r| r.get(0)).collect())
         .unwrap_or_default();
-    for (src, dst) in tables {
+    for (src, dst, mapping) in tables {
         let name = format!("table {src} -> {dst}");
         if interrupted.contains(&dst.to_string()) {
             report.warn(
@@ -467,13 +467,23 @@ async fn check_tables(
             );
         }
         match catalog::table_info(target, &dst).await {
-            Ok(Some(t)) => match TablePlan::by_name(s, t) {
-                Ok(plan) => report.pass(
-                    &name,
-                    format!("{} columns mapped by name", plan.columns.len()),
-                ),
-                Err(e) => report.fail(&name, e.primary.clone(), e.hint.clone().unwrap_or_default()),
+            Ok(Some(t)) => match pg_apply::plan_table(source, target, s, t, &mapping).await {
+                Ok(plan) => report.pass(&name, mapping_summary(&plan)),
+                Err(errors) => {
+                    for e in errors {
+                        report.fail(
+                            format!("{name}: mapping"),
+                            e.primary.clone(),
+                            e.hint.clone().unwrap_or_default(),
+                        );
+                    }
+                }
             },
+            Ok(None) if spec.target.create_tables && !mapping.columns.is_empty() => report.fail(
+                &name,
+                format!("target table {dst} does not exist, and [target] create_tables creates only tables mapped by name"),
+                format!("create {dst} on the target for its [table.columns] mapping"),
+            ),
             Ok(None) if spec.target.create_tables => match pg_apply_sql(source, &src, &dst).await {
                 Ok(n) => report.pass(
                     &name,
@@ -492,6 +502,35 @@ async fn check_tables(
             Err(e) => report.fail(&name, e.primary.clone(), e.hint.clone().unwrap_or_default()),
         }
     }
+}
+
+/// What a plan maps, in a few words.
+fn mapping_summary(plan: &TablePlan) -> String {
+    let computed = plan.columns.iter().filter(|c| !c.plain).count();
+    let renamed = plan
+        .columns
+        .iter()
+        .filter(|c| c.plain && c.source != c.target)
+        .count();
+    let mut parts = vec![format!("{} columns mapped", plan.columns.len())];
+    if renamed > 0 {
+        parts.push(format!("{renamed} renamed"));
+    }
+    if computed > 0 {
+        parts.push(format!("{computed} computed on the source"));
+    }
+    let defaults = plan
+        .target
+        .stored_columns()
+        .filter(|t| !plan.columns.iter().any(|c| c.target == t.name))
+        .count();
+    if defaults > 0 {
+        parts.push(format!("{defaults} left to their defaults"));
+    }
+    if plan.filter.is_some() {
+        parts.push("rows filtered".to_string());
+    }
+    parts.join(", ")
 }
 
 async fn check_slot_and_publication(

@@ -24,12 +24,13 @@ use cutover_config::{ConnParams, JobSpec, SnapshotMode};
 use cutover_connectors::catalog::{self, TableInfo};
 use cutover_connectors::error::{Error, Result};
 use cutover_connectors::pg_apply::{
-    self, Applier, CopyChunk, CopyCounters, GroupLimits, TablePlan,
+    self, Applier, CopyChunk, CopyCounters, GroupLimits, Mapper, MappingSpec, Step, TablePlan,
 };
-use cutover_connectors::pg_source::client::{ReplicationSession, StreamEvent};
+use cutover_connectors::pg_source::client::{ReplicationSession, ReplicationStream, StreamEvent};
 use cutover_connectors::pg_source::decode::LogicalMessage;
 use cutover_connectors::pg_source::provision;
 use cutover_connectors::{Lsn, TableName, pg_conn};
+use futures_util::FutureExt;
 use tokio::sync::watch;
 
 use crate::status::{Phase, StatusHandle, TableStatus};
@@ -130,7 +131,7 @@ pub async fn run(ctx: JobContext) -> Result<()> {
 pub(crate) async fn resolve_tables(
     spec: &JobSpec,
     source: &tokio_postgres::Client,
-) -> Result<Vec<(TableName, TableName)>> {
+) -> Result<Vec<(TableName, TableName, MappingSpec)>> {
     let target_for = |src: &TableName| {
         TableName::new(
             spec.target
@@ -140,17 +141,14 @@ pub(crate) async fn resolve_tables(
             src.name.clone(),
         )
     };
+    let file = spec
+        .path
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "job".to_string());
     if !spec.tables.is_empty() {
         let mut out = Vec::new();
         for t in &spec.tables {
-            if !t.columns.is_empty() || t.filter.is_some() {
-                // Refuse rather than copy something other than what the file asks for.
-                return Err(Error::operator(format!(
-                    "[[table]] {} uses [table.columns] or where, which this version cannot apply yet",
-                    t.source
-                ))
-                .hint("remove them to copy the table as it is, or use a cutover release with column mappings"));
-            }
             let src = TableName::parse(&t.source, "public").ok_or_else(|| {
                 Error::operator(format!(
                     "invalid table name \"{}\" in [[table]] source",
@@ -168,7 +166,17 @@ pub(crate) async fn resolve_tables(
                 }
                 None => target_for(&src),
             };
-            out.push((src, dst));
+            let mapping = MappingSpec {
+                columns: t.columns.clone(),
+                filter: t.filter.clone(),
+                column_places: t
+                    .column_lines
+                    .iter()
+                    .map(|(c, line)| (c.clone(), format!("{file}:{line}")))
+                    .collect(),
+                filter_place: t.filter_line.map(|line| format!("{file}:{line}")),
+            };
+            out.push((src, dst, mapping));
         }
         return Ok(out);
     }
@@ -183,7 +191,7 @@ pub(crate) async fn resolve_tables(
         })
         .map(|t| {
             let dst = target_for(&t);
-            (t, dst)
+            (t, dst, MappingSpec::default())
         })
         .collect();
     if picked.is_empty() {
@@ -194,6 +202,21 @@ pub(crate) async fn resolve_tables(
         .hint("list the tables with [[table]] entries, or fix the patterns"));
     }
     Ok(picked)
+}
+
+/// One error out of a mapping's list: the first, with how many more `check` would show.
+pub(crate) fn first_mapping_error(mut errors: Vec<Error>) -> Error {
+    let more = errors.len().saturating_sub(1);
+    let mut first = errors.remove(0);
+    if more > 0 {
+        first.detail = Some(match first.detail.take() {
+            Some(d) => {
+                format!("{d}; and {more} more mapping problems (cutover check lists them all)")
+            }
+            None => format!("and {more} more mapping problems (cutover check lists them all)"),
+        });
+    }
+    first
 }
 
 /// Build a plan per table from both catalogs. With `create_missing` (only `run` passes it)
@@ -211,7 +234,7 @@ pub(crate) async fn plan_tables(
         && source_params.port == target_params.port
         && source_params.dbname == target_params.dbname;
     let mut plans = Vec::new();
-    for (src, dst) in resolve_tables(spec, source).await? {
+    for (src, dst, mapping) in resolve_tables(spec, source).await? {
         if same_database && src == dst {
             return Err(Error::operator(format!(
                 "table {src} would be copied onto itself: source and target are the same database"
@@ -224,6 +247,12 @@ pub(crate) async fn plan_tables(
         })?;
         let mut existing = catalog::table_info(target, &dst).await?;
         if existing.is_none() && create_missing && spec.target.create_tables {
+            if !mapping.columns.is_empty() {
+                return Err(Error::operator(format!(
+                    "target table {dst} does not exist, and [target] create_tables creates only tables mapped by name"
+                ))
+                .hint(format!("create {dst} on the target for its [table.columns] mapping")));
+            }
             pg_apply::create_target_table(source, target, &src, &dst).await?;
             existing = catalog::table_info(target, &dst).await?;
         }
@@ -233,7 +262,10 @@ pub(crate) async fn plan_tables(
                 src.quoted()
             ))
         })?;
-        plans.push(Arc::new(TablePlan::by_name(s, t)?));
+        let plan = pg_apply::plan_table(source, target, s, t, &mapping)
+            .await
+            .map_err(first_mapping_error)?;
+        plans.push(Arc::new(plan));
     }
     Ok(plans)
 }
@@ -262,6 +294,8 @@ async fn run_once(ctx: &JobContext) -> Result<Ended> {
                         rows_copied: 0,
                         bytes_copied: 0,
                         snapshot_done: false,
+                        needs_attention: None,
+                        notes: Vec::new(),
                     })
             })
             .collect();
@@ -300,6 +334,31 @@ async fn run_once(ctx: &JobContext) -> Result<Ended> {
     let states = pg_apply::read_table_states(&target, &spec.name).await?;
     let mut pending: Vec<Arc<TablePlan>> = Vec::new();
     let mut snapshot_lsn: HashMap<TableName, Lsn> = HashMap::new();
+    let mut resuming: HashMap<TableName, Lsn> = HashMap::new();
+    let mut known: HashMap<TableName, Vec<String>> = HashMap::new();
+    for plan in &plans {
+        let Some(st) = states.get(&plan.source_name().to_string()) else {
+            continue;
+        };
+        if let Some(cols) = &st.source_columns {
+            known.insert(plan.source_name().clone(), cols.clone());
+        }
+        if let (Some(lsn), true) = (st.paused_lsn, st.done) {
+            resuming.insert(plan.source_name().clone(), lsn);
+            let why = st.attention.clone().unwrap_or_default();
+            ctx.status.update(|s| {
+                if let Some(t) = s
+                    .tables
+                    .iter_mut()
+                    .find(|t| t.source == plan.source_name().to_string())
+                {
+                    t.needs_attention = Some(format!(
+                        "paused at {lsn}: {why} (resumes if the mapping holds now)"
+                    ));
+                }
+            });
+        }
+    }
     for plan in &plans {
         match states.get(&plan.source_name().to_string()) {
             Some(st) if st.done => {
@@ -341,6 +400,7 @@ async fn run_once(ctx: &JobContext) -> Result<Ended> {
                     &plan.source_name().to_string(),
                     &plan.target_name().to_string(),
                     Lsn::ZERO,
+                    &source_column_names(plan),
                 )
                 .await?;
                 pg_apply::mark_done(&target, plan, &spec.name).await?;
@@ -369,7 +429,13 @@ async fn run_once(ctx: &JobContext) -> Result<Ended> {
         return Ok(Ended::Stopped);
     }
 
-    stream(ctx, source, target, plans, snapshot_lsn).await
+    stream(ctx, source, target, plans, snapshot_lsn, resuming, known).await
+}
+
+/// The source columns a table's copy starts with: the stream's columns outside this list
+/// are new.
+fn source_column_names(plan: &TablePlan) -> Vec<String> {
+    plan.source.columns.iter().map(|c| c.name.clone()).collect()
 }
 
 /// Create a slot (bounded wait), returning the session that exported its snapshot.
@@ -429,6 +495,7 @@ async fn copy_tables(
             &plan.source_name().to_string(),
             &plan.target_name().to_string(),
             point,
+            &source_column_names(plan),
         )
         .await?;
         pg_apply::truncate_target(target, plan).await?;
@@ -585,125 +652,59 @@ async fn prepare_target_session(client: &tokio_postgres::Client) -> bool {
     }
 }
 
-/// Stream from the slot and apply, until shutdown or an error.
-async fn stream(
-    ctx: &JobContext,
-    source: tokio_postgres::Client,
-    target: tokio_postgres::Client,
-    plans: Vec<Arc<TablePlan>>,
-    snapshot_lsn: HashMap<TableName, Lsn>,
-) -> Result<Ended> {
-    let spec = &ctx.spec;
-    let slot = ctx.slot();
-    drop(source);
-    let progress = pg_apply::read_progress(&target, &spec.name)
-        .await?
-        .unwrap_or_default();
-    let replica_role = prepare_target_session(&target).await;
-    let session = ReplicationSession::connect(
-        &ctx.source,
-        &slot,
-        &slot,
-        progress.end_lsn,
-        &ctx.app_name("stream"),
-    )
-    .await?;
-    let mut stream = session.start().await?;
-    tracing::info!(slot = %slot, from = %progress.end_lsn, "streaming");
-    let mut applier = Applier::new(
-        target,
-        &spec.name,
-        plans,
-        snapshot_lsn,
-        progress,
-        GroupLimits::default(),
-        replica_role,
-    );
-    let mut confirmed = progress.end_lsn;
-    let base = {
-        let s = ctx.status.snapshot();
-        (s.applied_transactions, s.applied_rows)
-    };
-    ctx.status.update(|s| {
-        s.phase = Phase::Streaming;
-        s.applied_lsn = Some(confirmed.to_string());
-    });
-    let mut shutdown = ctx.shutdown.clone();
-    let mut stopping = false;
-    let mut stop_deadline: Option<tokio::time::Instant> = None;
-    let idle = Duration::from_millis(5);
-    loop {
-        if stopping && !applier.in_transaction() {
-            if let Some(p) = applier.flush().await? {
-                stream.confirm(p.end_lsn);
-                publish_applied(ctx, &applier, base, p.end_lsn);
-            }
-            stream.shutdown(Duration::from_secs(3)).await;
-            tracing::info!(applied = %applier.committed().end_lsn, "stopped");
-            return Ok(Ended::Stopped);
-        }
-        if stop_deadline.is_some_and(|d| tokio::time::Instant::now() > d) {
-            // A source transaction is still arriving; what the target holds is
-            // consistent and confirmed, the rest will be streamed again.
-            tracing::warn!(
-                "stopping in the middle of a source transaction; it will be applied on the next run"
-            );
-            return Ok(Ended::Stopped);
-        }
-        let wait = if applier.has_uncommitted() && !applier.in_transaction() {
-            idle
-        } else {
-            Duration::from_secs(1)
+/// Events read from the stream at once (when tables are evaluated on the source) before
+/// they are mapped and applied.
+const BATCH_EVENTS: usize = 2000;
+
+/// What `stream` tracks across events.
+struct Streaming<'a> {
+    ctx: &'a JobContext,
+    applier: Applier,
+    stream: ReplicationStream,
+    /// What the slot was last confirmed to.
+    confirmed: Lsn,
+    /// What earlier attempts of this run applied (counters cover the whole run).
+    base: (u64, u64),
+}
+
+impl Streaming<'_> {
+    /// Confirm `applied` (a group the target committed), never past the first change a
+    /// paused table has not applied.
+    fn confirm(&mut self, applied: Lsn) {
+        let to = match self.applier.hold() {
+            Some(hold) => applied.min(hold),
+            None => applied,
         };
-        let event = tokio::select! {
-            biased;
-            _ = shutdown.wait_for(|s| *s), if !stopping => {
-                stopping = true;
-                stop_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(30));
-                continue;
-            }
-            ev = tokio::time::timeout(wait, stream.next()) => ev,
-        };
-        let event = match event {
-            Err(_elapsed) => {
-                if !applier.in_transaction()
-                    && let Some(p) = applier.flush().await?
-                {
-                    stream.confirm(p.end_lsn);
-                    confirmed = confirmed.max(p.end_lsn);
-                    publish_applied(ctx, &applier, base, confirmed);
-                }
-                continue;
-            }
-            Ok(ev) => ev?,
-        };
-        let Some(event) = event else {
-            return Err(Error::transient("the source ended the replication stream"));
-        };
+        self.stream.confirm(to);
+        self.confirmed = self.confirmed.max(to);
+        publish_applied(self.ctx, &self.applier, self.base, applied);
+    }
+
+    async fn event(&mut self, event: StreamEvent) -> Result<()> {
         match event {
-            StreamEvent::Begin(b) => applier.begin(&b)?,
+            StreamEvent::Begin(b) => self.applier.begin(&b)?,
             StreamEvent::Commit(c) => {
-                if let Some(p) = applier.commit(&c).await? {
-                    stream.confirm(p.end_lsn);
-                    confirmed = confirmed.max(p.end_lsn);
-                    publish_applied(ctx, &applier, base, confirmed);
+                if let Some(p) = self.applier.commit(&c).await? {
+                    self.confirm(p.end_lsn);
                 }
             }
             StreamEvent::Message(msg) => match msg {
-                LogicalMessage::Relation(r) => applier.relation(&r)?,
-                LogicalMessage::Insert(i) => applier.insert(&i).await?,
-                LogicalMessage::Update(u) => applier.update(&u).await?,
-                LogicalMessage::Delete(d) => applier.delete(&d).await?,
-                LogicalMessage::Truncate(t) => applier.truncate(&t).await?,
+                LogicalMessage::Relation(r) => {
+                    // Only reached for relations the mapper passed on whole.
+                    let table = TableName::new(r.namespace.clone(), r.name.clone());
+                    self.applier.relation(&r, table, None, &[], None).await?
+                }
+                LogicalMessage::Insert(i) => self.applier.insert(&i).await?,
+                LogicalMessage::Update(u) => self.applier.update(&u).await?,
+                LogicalMessage::Delete(d) => self.applier.delete(&d).await?,
+                LogicalMessage::Truncate(t) => self.applier.truncate(&t).await?,
                 LogicalMessage::Type(_)
                 | LogicalMessage::Origin(_)
                 | LogicalMessage::Message(_) => {}
-                LogicalMessage::Begin(b) => applier.begin(&b)?,
+                LogicalMessage::Begin(b) => self.applier.begin(&b)?,
                 LogicalMessage::Commit(c) => {
-                    if let Some(p) = applier.commit(&c).await? {
-                        stream.confirm(p.end_lsn);
-                        confirmed = confirmed.max(p.end_lsn);
-                        publish_applied(ctx, &applier, base, confirmed);
+                    if let Some(p) = self.applier.commit(&c).await? {
+                        self.confirm(p.end_lsn);
                     }
                 }
                 other => {
@@ -715,12 +716,199 @@ async fn stream(
             StreamEvent::KeepAlive { wal_end } => {
                 // Nothing in flight: everything the server sent up to wal_end is applied,
                 // so the slot may move there and release WAL (hard case 11).
-                if !applier.in_transaction() && !applier.has_uncommitted() && wal_end > confirmed {
-                    stream.confirm(wal_end);
-                    confirmed = wal_end;
-                    publish_applied(ctx, &applier, base, confirmed);
+                if !self.applier.in_transaction()
+                    && !self.applier.has_uncommitted()
+                    && wal_end > self.confirmed
+                {
+                    self.confirm(wal_end);
                 }
             }
+        }
+        Ok(())
+    }
+
+    async fn step(&mut self, step: Step) -> Result<()> {
+        match step {
+            Step::Event(ev) => self.event(ev).await?,
+            Step::Nothing => {}
+            Step::Shape(shape) => {
+                let mapped = shape.plan.is_some();
+                self.applier
+                    .relation(
+                        &shape.relation,
+                        shape.table.clone(),
+                        shape.plan,
+                        &shape.ddl,
+                        shape.known_columns.as_deref(),
+                    )
+                    .await?;
+                for note in &shape.notes {
+                    tracing::warn!(table = %shape.table, "{note}");
+                }
+                let name = shape.table.to_string();
+                self.ctx.status.update(|s| {
+                    if let Some(t) = s.tables.iter_mut().find(|t| t.source == name) {
+                        if mapped {
+                            t.needs_attention = None;
+                        }
+                        for note in &shape.notes {
+                            if !t.notes.contains(note) {
+                                t.notes.push(note.clone());
+                            }
+                        }
+                        let excess = t.notes.len().saturating_sub(MAX_NOTES);
+                        t.notes.drain(..excess);
+                    }
+                });
+            }
+            Step::Pause {
+                oid,
+                relation,
+                table,
+                error,
+            } => {
+                let reason = error.to_string();
+                tracing::error!(table = %table, "the table's apply is paused: {reason}");
+                let at_change = relation.is_none();
+                self.applier
+                    .pause(
+                        oid,
+                        relation.as_ref(),
+                        table.clone(),
+                        reason.clone(),
+                        at_change,
+                    )
+                    .await?;
+                let name = table.to_string();
+                self.ctx.status.update(|s| {
+                    if let Some(t) = s.tables.iter_mut().find(|t| t.source == name) {
+                        t.needs_attention = Some(reason);
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Notes kept per table in the status.
+const MAX_NOTES: usize = 20;
+
+/// Stream from the slot and apply, until shutdown or an error.
+async fn stream(
+    ctx: &JobContext,
+    source: tokio_postgres::Client,
+    target: tokio_postgres::Client,
+    plans: Vec<Arc<TablePlan>>,
+    snapshot_lsn: HashMap<TableName, Lsn>,
+    resuming: HashMap<TableName, Lsn>,
+    known: HashMap<TableName, Vec<String>>,
+) -> Result<Ended> {
+    let spec = &ctx.spec;
+    let slot = ctx.slot();
+    let progress = pg_apply::read_progress(&target, &spec.name)
+        .await?
+        .unwrap_or_default();
+    let replica_role = prepare_target_session(&target).await;
+    // Tables paused by an earlier run get their changes again from where they stopped.
+    let start = resuming.values().copied().fold(progress.end_lsn, Lsn::min);
+    let session =
+        ReplicationSession::connect(&ctx.source, &slot, &slot, start, &ctx.app_name("stream"))
+            .await?;
+    let stream = session.start().await?;
+    tracing::info!(slot = %slot, from = %start, "streaming");
+    // The mapper evaluates on the source's control session and reads the target's
+    // catalog on a session of its own (the apply session holds open transactions).
+    let catalog = pg_conn::connect(&ctx.target, &ctx.app_name("map")).await?;
+    let mut mapper = Mapper::new(source, catalog, &plans, known);
+    let applier = Applier::new(
+        target,
+        &spec.name,
+        snapshot_lsn,
+        progress,
+        GroupLimits::default(),
+        replica_role,
+        resuming,
+    );
+    let base = {
+        let s = ctx.status.snapshot();
+        (s.applied_transactions, s.applied_rows)
+    };
+    let mut st = Streaming {
+        ctx,
+        applier,
+        stream,
+        confirmed: start,
+        base,
+    };
+    ctx.status.update(|s| {
+        s.phase = Phase::Streaming;
+        s.applied_lsn = Some(progress.end_lsn.to_string());
+    });
+    let mut shutdown = ctx.shutdown.clone();
+    let mut stopping = false;
+    let mut stop_deadline: Option<tokio::time::Instant> = None;
+    let idle = Duration::from_millis(5);
+    loop {
+        if stopping && !st.applier.in_transaction() {
+            if let Some(p) = st.applier.flush().await? {
+                st.confirm(p.end_lsn);
+            }
+            let committed = st.applier.committed().end_lsn;
+            st.stream.shutdown(Duration::from_secs(3)).await;
+            tracing::info!(applied = %committed, "stopped");
+            return Ok(Ended::Stopped);
+        }
+        if stop_deadline.is_some_and(|d| tokio::time::Instant::now() > d) {
+            // A source transaction is still arriving; what the target holds is
+            // consistent and confirmed, the rest will be streamed again.
+            tracing::warn!(
+                "stopping in the middle of a source transaction; it will be applied on the next run"
+            );
+            return Ok(Ended::Stopped);
+        }
+        let wait = if st.applier.has_uncommitted() && !st.applier.in_transaction() {
+            idle
+        } else {
+            Duration::from_secs(1)
+        };
+        let event = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|s| *s), if !stopping => {
+                stopping = true;
+                stop_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(30));
+                continue;
+            }
+            ev = tokio::time::timeout(wait, st.stream.next()) => ev,
+        };
+        let event = match event {
+            Err(_elapsed) => {
+                if !st.applier.in_transaction()
+                    && let Some(p) = st.applier.flush().await?
+                {
+                    st.confirm(p.end_lsn);
+                }
+                continue;
+            }
+            Ok(ev) => ev?,
+        };
+        let Some(event) = event else {
+            return Err(Error::transient("the source ended the replication stream"));
+        };
+        let mut batch = vec![event];
+        if mapper.evaluates() {
+            // Rows of evaluated tables go to the source in round trips of many rows: take
+            // what has already arrived.
+            while batch.len() < BATCH_EVENTS {
+                match st.stream.next().now_or_never() {
+                    Some(Ok(Some(ev))) => batch.push(ev),
+                    Some(Err(e)) => return Err(e),
+                    Some(Ok(None)) | None => break,
+                }
+            }
+        }
+        for step in mapper.process(batch).await? {
+            st.step(step).await?;
         }
     }
 }

@@ -9,7 +9,7 @@
 //! [`evaluate`] is a pure function of the status document and the `[ready]` settings, so
 //! the daemon, the API and the tests agree on the answer.
 //!
-//! Gates so far: [`GATE_STREAMING`], [`GATE_SNAPSHOT`], [`GATE_LAG`].
+//! Gates so far: [`GATE_STREAMING`], [`GATE_SNAPSHOT`], [`GATE_TABLES`], [`GATE_LAG`].
 
 use std::time::Duration;
 
@@ -25,6 +25,8 @@ pub const GATE_STREAMING: &str = "streaming";
 pub const GATE_SNAPSHOT: &str = "snapshot";
 /// Replication lag is known and within `[ready] max_lag`.
 pub const GATE_LAG: &str = "lag";
+/// No table's apply is paused waiting for an operator.
+pub const GATE_TABLES: &str = "tables";
 
 /// At most this many table names are listed in the snapshot gate's detail.
 const MAX_TABLES_NAMED: usize = 5;
@@ -76,9 +78,10 @@ pub struct Readiness {
 
 /// Evaluates every gate against a status document.
 pub fn evaluate(status: &JobStatus, cfg: &ReadyConfig) -> Readiness {
-    let gates: [(&str, Option<String>); 3] = [
+    let gates: [(&str, Option<String>); 4] = [
         (GATE_STREAMING, streaming_gate(status)),
         (GATE_SNAPSHOT, snapshot_gate(status)),
+        (GATE_TABLES, tables_gate(status)),
         (GATE_LAG, lag_gate(status, cfg)),
     ];
     let checked = gates.iter().map(|(name, _)| name.to_string()).collect();
@@ -146,6 +149,26 @@ fn snapshot_gate(status: &JobStatus) -> Option<String> {
     ))
 }
 
+fn tables_gate(status: &JobStatus) -> Option<String> {
+    let paused: Vec<String> = status
+        .tables
+        .iter()
+        .filter_map(|t| {
+            t.needs_attention
+                .as_ref()
+                .map(|why| format!("{}: {why}", t.source))
+        })
+        .collect();
+    match paused.len() {
+        0 => None,
+        1 => Some(format!("the apply of a table is paused: {}", paused[0])),
+        n => Some(format!(
+            "the apply of {n} tables is paused: {}",
+            paused[..n.min(MAX_TABLES_NAMED)].join("; ")
+        )),
+    }
+}
+
 fn lag_gate(status: &JobStatus, cfg: &ReadyConfig) -> Option<String> {
     let limit = format_duration(cfg.max_lag);
     let seconds = status.lag_seconds.filter(|s| s.is_finite());
@@ -188,6 +211,8 @@ mod tests {
             rows_copied: 10,
             bytes_copied: 100,
             snapshot_done: done,
+            needs_attention: None,
+            notes: Vec::new(),
         }
     }
 
@@ -212,8 +237,20 @@ mod tests {
         let r = evaluate(&ready_status(), &ReadyConfig::default());
         assert!(r.ready, "{r:?}");
         assert!(r.unmet.is_empty());
-        assert_eq!(r.checked, ["streaming", "snapshot", "lag"]);
+        assert_eq!(r.checked, ["streaming", "snapshot", "tables", "lag"]);
         assert_eq!(r.job, "shop");
+    }
+
+    #[test]
+    fn tables_gate_names_paused_tables() {
+        let mut status = ready_status();
+        status.tables[1].needs_attention = Some("column \"sku\" was renamed".into());
+        let r = evaluate(&status, &ReadyConfig::default());
+        assert!(!r.ready);
+        let detail = unmet(&r, "tables").expect("tables gate unmet");
+        assert!(detail.contains("public.items"), "{detail}");
+        assert!(detail.contains("renamed"), "{detail}");
+        assert_eq!(r.unmet.len(), 1);
     }
 
     #[test]

@@ -30,6 +30,14 @@ pub struct TableStatus {
     pub rows_copied: u64,
     pub bytes_copied: u64,
     pub snapshot_done: bool,
+    /// Set when the table's apply is paused until an operator acts (its mapping no
+    /// longer holds after DDL on the source): what happened and what to do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub needs_attention: Option<String>,
+    /// What the job noticed and handled on its own (source DDL it followed, columns it
+    /// ignored), most recent last.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
 }
 
 /// The last verification pass (issue 5 fills it; `null` until then).

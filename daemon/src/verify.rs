@@ -120,7 +120,12 @@ fn key_order(plan: &TablePlan, side_source: bool) -> (Vec<String>, KeyOrder) {
     let mut terms = Vec::new();
     let mut order = Vec::new();
     for c in plan.columns.iter().filter(|c| c.key) {
-        let name = quote_ident(if side_source { &c.source } else { &c.target });
+        // The source side orders by the mapped value, the target by its column.
+        let name = if side_source {
+            c.expr.clone()
+        } else {
+            quote_ident(&c.target)
+        };
         if matches!(c.type_name.as_str(), "smallint" | "integer" | "bigint") {
             terms.push(name);
             order.push(ColumnOrder::Integer);
@@ -133,10 +138,27 @@ fn key_order(plan: &TablePlan, side_source: bool) -> (Vec<String>, KeyOrder) {
 }
 
 fn side_query(plan: &TablePlan, side_source: bool) -> SideQuery {
-    let (table, cols) = if side_source {
-        (plan.source_name().quoted(), plan.source_column_list())
+    // The source side reads through the mapping: the same select list and filter as the
+    // snapshot, evaluated by the same server.
+    let (table, cols, filter) = if side_source {
+        let only = if plan.source.relkind == 'r' {
+            "ONLY "
+        } else {
+            ""
+        };
+        (
+            format!("{only}{}", plan.source_name().quoted()),
+            plan.select_list(),
+            plan.filter_sql()
+                .map(|f| format!(" WHERE {f}"))
+                .unwrap_or_default(),
+        )
     } else {
-        (plan.target_name().quoted(), plan.target_column_list())
+        (
+            plan.target_name().quoted(),
+            plan.target_column_list(),
+            String::new(),
+        )
     };
     let (terms, _) = key_order(plan, side_source);
     let order = if terms.is_empty() {
@@ -145,7 +167,7 @@ fn side_query(plan: &TablePlan, side_source: bool) -> SideQuery {
         format!(" ORDER BY {}", terms.join(", "))
     };
     SideQuery {
-        sql: format!("COPY (SELECT {cols} FROM {table}{order}) TO STDOUT"),
+        sql: format!("COPY (SELECT {cols} FROM {table}{filter}{order}) TO STDOUT"),
     }
 }
 

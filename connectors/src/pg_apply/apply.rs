@@ -98,7 +98,6 @@ struct StatementKey {
 pub struct Applier {
     client: Client,
     job: String,
-    plans: HashMap<TableName, Arc<TablePlan>>,
     /// Changes to a table apply only from transactions that commit at or after this LSN.
     snapshot_lsn: HashMap<TableName, Lsn>,
     relations: HashMap<u32, RelationMap>,
@@ -110,7 +109,8 @@ pub struct Applier {
     group_started: Instant,
     group_txns: usize,
     group_rows: u64,
-    /// The source transaction being received: its commit LSN, and whether it is skipped.
+    /// The source transaction being received: its commit LSN, and whether it is skipped
+    /// (already applied, except for the changes of tables resuming at or before it).
     txn: Option<(Lsn, bool)>,
     /// The last source transaction added to the open group.
     last_in_group: Option<Progress>,
@@ -121,32 +121,51 @@ pub struct Applier {
     /// and single-row inserts run as `EXECUTE` of a generic plan instead of being parsed
     /// and planned each time.
     prepared: HashMap<StatementKey, String>,
+    /// Statements prepared so far (names are never reused, even when a shape change
+    /// retires statements).
+    prepared_count: usize,
     /// Whether net changes may be used at all: foreign-key checks and triggers are off on
     /// the target session (see [`super::net`]).
     net_changes: bool,
     /// Net changes per source relation OID, for tables that qualify.
     queues: HashMap<u32, (Arc<TablePlan>, TableQueue)>,
     queued_bytes: usize,
+    /// Tables whose apply is paused, and the commit LSN of the first source transaction
+    /// with a change of theirs not applied (once there is one).
+    paused: HashMap<TableName, Paused>,
+    /// Tables paused in an earlier run that resume here: their changes apply from this
+    /// commit LSN on, also in transactions the target otherwise holds already.
+    resuming: HashMap<TableName, Lsn>,
+    /// The target's progress when this applier started: once a group commits past it,
+    /// the resumed tables have caught up.
+    horizon: Lsn,
+}
+
+/// A paused table.
+#[derive(Debug)]
+pub struct Paused {
+    pub since: Option<Lsn>,
+    pub reason: String,
+    /// `since` is not yet recorded on the target.
+    dirty: bool,
 }
 
 impl Applier {
     /// `committed` is the target's progress row (or the slot's start when there is none).
+    /// `resuming` lists the tables paused by an earlier run, from the commit LSN at which
+    /// they stopped.
     pub fn new(
         client: Client,
         job: &str,
-        plans: Vec<Arc<TablePlan>>,
         snapshot_lsn: HashMap<TableName, Lsn>,
         committed: Progress,
         limits: GroupLimits,
         net_changes: bool,
+        resuming: HashMap<TableName, Lsn>,
     ) -> Self {
         Self {
             client,
             job: job.to_string(),
-            plans: plans
-                .into_iter()
-                .map(|p| (p.source_name().clone(), p))
-                .collect(),
             snapshot_lsn,
             relations: HashMap::new(),
             limits,
@@ -162,9 +181,79 @@ impl Applier {
             stats: ApplyStats::default(),
             warned_unmapped: Default::default(),
             prepared: HashMap::new(),
+            prepared_count: 0,
             net_changes,
             queues: HashMap::new(),
             queued_bytes: 0,
+            paused: HashMap::new(),
+            resuming,
+            horizon: committed.commit_lsn,
+        }
+    }
+
+    /// The position the slot may not be confirmed past: the first source transaction a
+    /// paused (or resuming) table has not applied.
+    pub fn hold(&self) -> Option<Lsn> {
+        self.paused
+            .values()
+            .filter_map(|p| p.since)
+            .chain(self.resuming.values().copied())
+            .min()
+    }
+
+    /// The tables paused now, with why.
+    pub fn paused(&self) -> &HashMap<TableName, Paused> {
+        &self.paused
+    }
+
+    /// Stop applying `table`: its changes from the current source transaction on (or from
+    /// its next change, when `at_change` is false) are not applied and the slot is held
+    /// before them, so a later run applies them once the operator fixed the mapping.
+    pub async fn pause(
+        &mut self,
+        oid: u32,
+        relation: Option<&Relation>,
+        table: TableName,
+        reason: String,
+        at_change: bool,
+    ) -> Result<()> {
+        self.flush_queue(oid).await?;
+        self.close_statement();
+        if let Some(rel) = relation {
+            self.relations.insert(
+                rel.oid,
+                RelationMap {
+                    name: table.clone(),
+                    plan: None,
+                    source_index: Vec::new(),
+                },
+            );
+        }
+        self.resuming.remove(&table);
+        let entry = self.paused.entry(table.clone()).or_insert(Paused {
+            since: None,
+            reason: reason.clone(),
+            dirty: false,
+        });
+        entry.reason = reason;
+        if at_change && let Some((lsn, _)) = self.txn {
+            self.note_paused_change(&table, lsn);
+        }
+        Ok(())
+    }
+
+    /// A change of a paused table would have applied in the transaction at `lsn`.
+    fn note_paused_change(&mut self, table: &TableName, lsn: Lsn) {
+        let skip = self.txn.is_some_and(|t| t.1);
+        let resumes = self.resuming.get(table).is_some_and(|r| *r <= lsn);
+        if skip && !resumes {
+            return;
+        }
+        if let Some(p) = self.paused.get_mut(table)
+            && p.since.is_none()
+        {
+            p.since = Some(lsn);
+            p.dirty = true;
         }
     }
 
@@ -195,28 +284,69 @@ impl Applier {
                 || self.group_started.elapsed() >= self.limits.max_age)
     }
 
-    pub fn relation(&mut self, rel: &Relation) -> Result<()> {
-        let name = TableName::new(rel.namespace.clone(), rel.name.clone());
-        let plan = self.plans.get(&name).cloned();
+    /// A relation's shape and the plan its changes apply with (`None`: not carried), with
+    /// target DDL to run first and the source columns to record with it.
+    pub async fn relation(
+        &mut self,
+        rel: &Relation,
+        table: TableName,
+        plan: Option<Arc<TablePlan>>,
+        ddl: &[String],
+        known_columns: Option<&[String]>,
+    ) -> Result<()> {
+        // What is queued or open for the table was planned with its previous shape.
+        self.flush_queue(rel.oid).await?;
+        self.close_statement();
+        self.prepared.retain(|k, _| k.oid != rel.oid);
         let mut source_index = Vec::new();
         if let Some(plan) = &plan {
-            for c in &plan.columns {
-                let idx = rel.columns.iter().position(|rc| rc.name == c.source).ok_or_else(|| {
-                    Error::operator(format!(
-                        "column {}.{} is gone from the source",
-                        name,
-                        quote_ident(&c.source)
-                    ))
-                    .detail("the table's shape changed while the job ran (a dropped or renamed column)")
-                    .hint("restore the column on the source, or change the target and the mapping and run the job again")
-                })?;
-                source_index.push(idx);
+            if plan.evaluated() {
+                // The mapper sends target rows, in plan order.
+                source_index = (0..plan.columns.len()).collect();
+            } else {
+                for c in &plan.columns {
+                    let idx = rel
+                        .columns
+                        .iter()
+                        .position(|rc| rc.name == c.source)
+                        .ok_or_else(|| {
+                            Error::operator(format!(
+                                "column {}.{} is gone from the source",
+                                table,
+                                quote_ident(&c.source)
+                            ))
+                        })?;
+                    source_index.push(idx);
+                }
+            }
+        }
+        if self.paused.remove(&table).is_some() {
+            tracing::info!(table = %table, "the mapping holds again; the table's apply resumes");
+        }
+        if !ddl.is_empty() || known_columns.is_some() {
+            self.ensure_group();
+            for statement in ddl {
+                self.sql.push_str(statement);
+                self.sql.push(';');
+            }
+            if let Some(cols) = known_columns {
+                let list = cols
+                    .iter()
+                    .map(|c| quote_literal(c))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let _ = write!(
+                    self.sql,
+                    "UPDATE cutover.tables SET source_columns = ARRAY[{list}]::text[] WHERE job = {} AND source_table = {};",
+                    quote_literal(&self.job),
+                    quote_literal(&table.to_string())
+                );
             }
         }
         self.relations.insert(
             rel.oid,
             RelationMap {
-                name,
+                name: table,
                 plan,
                 source_index,
             },
@@ -233,6 +363,23 @@ impl Applier {
         Ok(())
     }
 
+    /// Whether the transaction being received applies anything: it is new, or a table
+    /// resumes at or before it.
+    fn txn_applies(&self) -> bool {
+        match self.txn {
+            Some((lsn, skip)) => {
+                !skip
+                    || (lsn
+                        > self
+                            .last_in_group
+                            .map(|l| l.commit_lsn)
+                            .unwrap_or(Lsn::ZERO)
+                        && self.resuming.values().any(|r| *r <= lsn))
+            }
+            None => false,
+        }
+    }
+
     /// The relation map for a change, when the change must be applied.
     fn target_for(&mut self, oid: u32) -> Result<Option<(Arc<TablePlan>, Vec<usize>)>> {
         let Some((commit_lsn, skip)) = self.txn else {
@@ -240,13 +387,21 @@ impl Applier {
                 "replication stream sent a change outside a transaction",
             ));
         };
-        if skip {
-            return Ok(None);
-        }
         let Some(rel) = self.relations.get(&oid) else {
             return Err(Error::transient(format!(
                 "replication stream sent a change for relation {oid} before its Relation message"
             )));
+        };
+        let name = rel.name.clone();
+        if self.paused.contains_key(&name) {
+            self.note_paused_change(&name, commit_lsn);
+            return Ok(None);
+        }
+        if skip && self.resuming.get(&name).is_none_or(|r| *r > commit_lsn) {
+            return Ok(None);
+        }
+        let Some(rel) = self.relations.get(&oid) else {
+            return Ok(None);
         };
         let Some(plan) = rel.plan.clone() else {
             if self.warned_unmapped.insert(oid) {
@@ -331,7 +486,8 @@ impl Applier {
         if let Some(name) = self.prepared.get(&key) {
             return name.clone();
         }
-        let name = format!("cutover_{}", self.prepared.len() + 1);
+        self.prepared_count += 1;
+        let name = format!("cutover_{}", self.prepared_count);
         let (sql, types) = build();
         let _ = write!(out, "PREPARE {name}({}) AS {sql};", types.join(","));
         self.prepared.insert(key, name.clone());
@@ -781,12 +937,13 @@ impl Applier {
     /// The end of a source transaction. Returns the progress now durable on the target
     /// when this commit ended a target transaction.
     pub async fn commit(&mut self, commit: &Commit) -> Result<Option<Progress>> {
-        let Some((_, skip)) = self.txn.take() else {
+        let applies = self.txn_applies();
+        if self.txn.take().is_none() {
             return Err(Error::transient(
                 "replication stream sent a commit outside a transaction",
             ));
-        };
-        if skip {
+        }
+        if !applies {
             return Ok(None);
         }
         let progress = Progress {
@@ -1015,21 +1172,55 @@ impl Applier {
         };
         self.flush_queues().await?;
         self.close_statement();
+        let job = quote_literal(&self.job);
+        for (table, p) in self.paused.iter_mut().filter(|(_, p)| p.dirty) {
+            if let Some(since) = p.since {
+                let _ = write!(
+                    self.sql,
+                    "UPDATE cutover.tables SET paused_lsn = '{since}', attention = {} WHERE job = {job} AND source_table = {};",
+                    quote_literal(&p.reason),
+                    quote_literal(&table.to_string())
+                );
+            }
+        }
+        // Resumed tables have caught up once the group passes where the target was.
+        let caught_up: Vec<TableName> = if last.commit_lsn >= self.horizon {
+            self.resuming.keys().cloned().collect()
+        } else {
+            Vec::new()
+        };
+        for table in &caught_up {
+            let _ = write!(
+                self.sql,
+                "UPDATE cutover.tables SET paused_lsn = NULL, attention = NULL WHERE job = {job} AND source_table = {};",
+                quote_literal(&table.to_string())
+            );
+        }
+        // A replayed group (a resumed table catching up) never moves the progress back.
+        let durable = if last.commit_lsn >= self.committed.commit_lsn {
+            last
+        } else {
+            self.committed
+        };
         let _ = write!(
             self.sql,
-            "INSERT INTO cutover.progress (job, commit_lsn, end_lsn, updated_at) VALUES ({}, '{}', '{}', now()) \
+            "INSERT INTO cutover.progress (job, commit_lsn, end_lsn, updated_at) VALUES ({job}, '{}', '{}', now()) \
              ON CONFLICT (job) DO UPDATE SET commit_lsn = EXCLUDED.commit_lsn, end_lsn = EXCLUDED.end_lsn, updated_at = now(); COMMIT;",
-            quote_literal(&self.job),
-            last.commit_lsn,
-            last.end_lsn
+            durable.commit_lsn, durable.end_lsn
         );
         let started = Instant::now();
         self.send().await?;
         metrics::histogram!("cutover_apply_batch_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         self.in_group = false;
-        self.committed = last;
+        self.committed = durable;
         self.last_in_group = None;
+        for p in self.paused.values_mut() {
+            p.dirty = false;
+        }
+        for table in caught_up {
+            self.resuming.remove(&table);
+        }
         self.stats.transactions += self.group_txns as u64;
         self.stats.rows += self.group_rows;
         metrics::counter!("cutover_applied_transactions_total").increment(self.group_txns as u64);

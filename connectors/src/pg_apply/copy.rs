@@ -132,13 +132,20 @@ pub async fn copy_chunk(
     } else {
         ""
     };
-    let filter = chunk
+    let conditions: Vec<String> = chunk
         .predicate()
-        .map(|p| format!(" WHERE {p}"))
-        .unwrap_or_default();
+        .into_iter()
+        .chain(plan.filter_sql().map(str::to_string))
+        .collect();
+    let filter = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conditions.join(" AND "))
+    };
+    // The mapping's select list, evaluated here by the source (see `plan`).
     let out_sql = format!(
         "COPY (SELECT {} FROM {only}{}{filter}) TO STDOUT (FORMAT {format})",
-        plan.source_column_list(),
+        plan.select_list(),
         plan.source_name().quoted()
     );
     let in_sql = format!(

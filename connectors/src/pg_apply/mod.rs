@@ -12,15 +12,17 @@ mod apply;
 mod copy;
 mod create;
 mod indexes;
+mod mapper;
 mod net;
 mod plan;
 mod state;
 
-pub use apply::{Applier, ApplyStats, GroupLimits};
+pub use apply::{Applier, ApplyStats, GroupLimits, Paused};
 pub use copy::{CopyChunk, CopyCounters, copy_chunk, mark_done, plan_chunks, truncate_target};
 pub use create::{create_table_sql, create_target_table};
 pub use indexes::{defer_indexes, restore_indexes_and_mark_done, undo_interrupted_deferrals};
-pub use plan::{ColumnMap, TablePlan};
+pub use mapper::{Mapper, Shape, Step};
+pub use plan::{ColumnMap, Filter, MappingSpec, TablePlan, plan_table};
 pub use state::{
     Progress, TableState, ensure_state_schema, mark_table_started, read_progress, read_table_states,
 };

@@ -30,6 +30,14 @@ pub struct TableState {
     pub snapshot_lsn: Lsn,
     pub rows_copied: u64,
     pub done: bool,
+    /// The source columns the job knew when it last looked (copy start, or a column added
+    /// by the stream): a column of the stream outside this list is new.
+    pub source_columns: Option<Vec<String>>,
+    /// The table's apply is paused from the source transaction that committed here on;
+    /// its changes from there are applied when it resumes.
+    pub paused_lsn: Option<Lsn>,
+    /// Why it is paused, and what to do.
+    pub attention: Option<String>,
 }
 
 const SCHEMA_SQL: &str = "
@@ -50,7 +58,10 @@ CREATE TABLE IF NOT EXISTS cutover.tables (
     done_at timestamptz,
     PRIMARY KEY (job, source_table)
 );
-ALTER TABLE cutover.tables ADD COLUMN IF NOT EXISTS deferred_indexes text[];";
+ALTER TABLE cutover.tables ADD COLUMN IF NOT EXISTS deferred_indexes text[];
+ALTER TABLE cutover.tables ADD COLUMN IF NOT EXISTS source_columns text[];
+ALTER TABLE cutover.tables ADD COLUMN IF NOT EXISTS paused_lsn pg_lsn;
+ALTER TABLE cutover.tables ADD COLUMN IF NOT EXISTS attention text;";
 
 fn err(what: &str, e: tokio_postgres::Error) -> Error {
     Error::from_pg(what, "the target", &e)
@@ -92,7 +103,8 @@ pub async fn read_progress(client: &Client, job: &str) -> Result<Option<Progress
 pub async fn read_table_states(client: &Client, job: &str) -> Result<HashMap<String, TableState>> {
     let rows = client
         .query(
-            "SELECT source_table, snapshot_lsn::text, rows_copied, done_at IS NOT NULL \
+            "SELECT source_table, snapshot_lsn::text, rows_copied, done_at IS NOT NULL, \
+                    source_columns, paused_lsn::text, attention \
              FROM cutover.tables WHERE job = $1",
             &[&job],
         )
@@ -107,6 +119,9 @@ pub async fn read_table_states(client: &Client, job: &str) -> Result<HashMap<Str
                     snapshot_lsn: r.get::<_, String>(1).parse().unwrap_or_default(),
                     rows_copied: r.get::<_, i64>(2).max(0) as u64,
                     done: r.get(3),
+                    source_columns: r.get(4),
+                    paused_lsn: r.get::<_, Option<String>>(5).and_then(|l| l.parse().ok()),
+                    attention: r.get(6),
                 },
             )
         })
@@ -120,14 +135,16 @@ pub async fn mark_table_started(
     source_table: &str,
     target_table: &str,
     snapshot_lsn: Lsn,
+    source_columns: &[String],
 ) -> Result<()> {
     client
         .execute(
-            "INSERT INTO cutover.tables (job, source_table, target_table, snapshot_lsn) \
-             VALUES ($1, $2, $3, $4::text::pg_lsn) \
+            "INSERT INTO cutover.tables (job, source_table, target_table, snapshot_lsn, source_columns) \
+             VALUES ($1, $2, $3, $4::text::pg_lsn, $5) \
              ON CONFLICT (job, source_table) DO UPDATE SET target_table = EXCLUDED.target_table, \
-               snapshot_lsn = EXCLUDED.snapshot_lsn, rows_copied = 0, started_at = now(), done_at = NULL",
-            &[&job, &source_table, &target_table, &snapshot_lsn.to_string()],
+               snapshot_lsn = EXCLUDED.snapshot_lsn, rows_copied = 0, started_at = now(), done_at = NULL, \
+               source_columns = EXCLUDED.source_columns, paused_lsn = NULL, attention = NULL",
+            &[&job, &source_table, &target_table, &snapshot_lsn.to_string(), &source_columns],
         )
         .await
         .map_err(|e| err("write cutover.tables", e))?;
