@@ -401,7 +401,8 @@ async fn check_tables(
             );
             continue;
         };
-        if !s.has_primary_key && s.replica_identity != 'f' {
+        let has_key_or_full = s.has_primary_key || s.replica_identity == 'f';
+        if !has_key_or_full {
             report.fail(
                 format!("{name}: key"),
                 format!("{src} has no primary key and REPLICA IDENTITY is not FULL: its updates and deletes cannot be applied"),
@@ -470,7 +471,11 @@ async fn check_tables(
             Ok(Some(t)) => match pg_apply::plan_table(source, target, s, t, &mapping).await {
                 Ok(plan) => report.pass(&name, mapping_summary(&plan)),
                 Err(errors) => {
-                    for e in errors {
+                    // A source without a key is reported by the key check above.
+                    let keyless = !has_key_or_full;
+                    for e in errors.into_iter().filter(|e| {
+                        !(keyless && e.primary.contains("no primary key and no REPLICA IDENTITY FULL: its updates"))
+                    }) {
                         report.fail(
                             format!("{name}: mapping"),
                             e.primary.clone(),
@@ -494,10 +499,17 @@ async fn check_tables(
             Ok(None) => report.fail(
                 &name,
                 format!("target table {dst} does not exist"),
-                format!(
-                    "create it on the target, for example from pg_dump --schema-only -t {}",
-                    src.quoted()
-                ),
+                if src.name == dst.name {
+                    format!(
+                        "create it on the target (for example from pg_dump --schema-only -t {} into schema {}), or set [target] create_tables = true",
+                        src.quoted(),
+                        dst.schema
+                    )
+                } else {
+                    format!(
+                        "create {dst} on the target in the shape the mapping expects, or name an existing table in [[table]] target"
+                    )
+                },
             ),
             Err(e) => report.fail(&name, e.primary.clone(), e.hint.clone().unwrap_or_default()),
         }

@@ -296,6 +296,7 @@ impl Applier {
     ) -> Result<()> {
         // What is queued or open for the table was planned with its previous shape.
         self.flush_queue(rel.oid).await?;
+        self.queues.remove(&rel.oid);
         self.close_statement();
         self.prepared.retain(|k, _| k.oid != rel.oid);
         let mut source_index = Vec::new();

@@ -193,19 +193,26 @@ pub async fn plan_table(
                 Error::operator(format!(
                     "{}[table.columns] {}: target table {dst} has no column {}",
                     at(spec.column_places.get(column)),
-                    quote_ident(column),
+                    toml_key(column),
                     quote_ident(column)
                 ))
-                .hint(format!(
-                    "map one of the target's columns: {}",
-                    names(target.stored_columns())
-                )),
+                .hint(match nearest(column, target.stored_columns()) {
+                    Some(near) => format!(
+                        "did you mean {}? target columns: {}",
+                        toml_key(near),
+                        names(target.stored_columns())
+                    ),
+                    None => format!(
+                        "map one of the target's columns: {}",
+                        names(target.stored_columns())
+                    ),
+                }),
             ),
             Some(c) if c.generated => errors.push(
                 Error::operator(format!(
                     "{}[table.columns] {}: {dst}.{} is a generated column; the target computes it",
                     at(spec.column_places.get(column)),
-                    quote_ident(column),
+                    toml_key(column),
                     quote_ident(column)
                 ))
                 .hint("remove this entry"),
@@ -257,7 +264,7 @@ pub async fn plan_table(
                         a.type_oid,
                     ),
                     Some(Err(e)) => {
-                        errors.push(describe_expression_error(e, &place, &t.name, &src, &source));
+                        errors.push(describe_expression_error(e, &place, &t.name, &source));
                         continue;
                     }
                     None => continue,
@@ -282,8 +289,15 @@ pub async fn plan_table(
                                 quote_ident(&t.name)
                             ))
                             .hint(format!(
-                                "map it in [table.columns], e.g. {} = \"<source key column>\"",
-                                toml_key(&t.name)
+                                "map it in [table.columns], e.g. {} = {}",
+                                toml_key(&t.name),
+                                toml_string(
+                                    &source
+                                        .key_columns()
+                                        .next()
+                                        .map(|k| sql_ident(&k.name))
+                                        .unwrap_or_else(|| "<source key column>".into())
+                                )
                             )),
                         );
                     } else if t.not_null && !t.has_default {
@@ -316,7 +330,7 @@ pub async fn plan_table(
                         )
                     } else {
                         format!(
-                            "cast it: {} = {}",
+                            "cast it: [table.columns] {} = {}",
                             toml_key(&t.name),
                             toml_string(&format!("({source_text})::{}", t.type_name))
                         )
@@ -364,7 +378,7 @@ pub async fn plan_table(
             if a.type_name != "boolean" {
                 errors.push(
                     Error::operator(format!(
-                        "{}where of {src}: the condition is {}, not boolean",
+                        "{}[[table]] where ({src}): the condition is {}, not boolean",
                         at(spec.filter_place.as_ref()),
                         a.type_name
                     ))
@@ -409,7 +423,8 @@ pub async fn plan_table(
                 "table {dst} has no primary key on the target and no REPLICA IDENTITY FULL on the source"
             ))
             .hint(format!(
-                "add a primary key, or run ALTER TABLE {} REPLICA IDENTITY FULL on the source",
+                "add a primary key to {dst} (ALTER TABLE {} ADD PRIMARY KEY (...)), or run ALTER TABLE {} REPLICA IDENTITY FULL on the source",
+                dst.quoted(),
                 src.quoted()
             )),
         );
@@ -423,13 +438,26 @@ pub async fn plan_table(
                 .map(String::as_str)
                 .filter(|d| !identity.contains(d))
                 .collect();
-            if !outside.is_empty() || c.deps.is_empty() {
+            if c.deps.is_empty() {
+                errors.push(
+                    Error::operator(format!(
+                        "{}the key of {dst} cannot be derived: key column {} is a constant, which does not identify rows",
+                        at(spec.column_places.get(&c.target)),
+                        quote_ident(&c.target)
+                    ))
+                    .hint(format!(
+                        "compute {} from the source key columns ({})",
+                        quote_ident(&c.target),
+                        identity.join(", ")
+                    )),
+                );
+            } else if !outside.is_empty() {
                 errors.push(
                     Error::operator(format!(
                         "{}the key of {dst} cannot be derived: key column {} is computed from {} but the source sends only its key ({}) for updated and deleted rows",
                         at(spec.column_places.get(&c.target)),
                         quote_ident(&c.target),
-                        if outside.is_empty() { "no source column".to_string() } else { outside.join(", ") },
+                        outside.join(", "),
                         identity.join(", ")
                     ))
                     .hint(format!(
@@ -449,7 +477,7 @@ pub async fn plan_table(
             if !outside.is_empty() {
                 errors.push(
                     Error::operator(format!(
-                        "{}where of {src} reads {} but the source sends only its key ({}) for the old row of an update, so a row leaving the filter could not be told",
+                        "{}[[table]] where ({src}) reads {} but the source sends only its key ({}) for the old row of an update, so an update that moves a row into or out of the filter could not be applied",
                         at(spec.filter_place.as_ref()),
                         outside.join(", "),
                         identity.join(", ")
@@ -464,8 +492,12 @@ pub async fn plan_table(
     }
     if columns.is_empty() && errors.is_empty() {
         errors.push(
-            Error::operator(format!("no column of {src} maps onto {dst}"))
-                .hint("map the target's columns in [table.columns]"),
+            Error::operator(format!(
+                "no column of {src} maps onto {dst} (source: {}; target: {})",
+                names(source.stored_columns()),
+                names(target.stored_columns())
+            ))
+            .hint("map the target's columns in [table.columns]"),
         );
     }
     if !errors.is_empty() {
@@ -622,9 +654,9 @@ async fn analyse_one(client: &Client, n: usize, text: &str) -> Result<Result<Ana
     };
     if has_statement_separator(text) {
         return Ok(Err(ExprError {
-            message: "an expression cannot hold a \";\"".into(),
+            message: String::new(),
             hint: None,
-            code: "42601".into(),
+            code: "separator".into(),
         }));
     }
     client
@@ -755,41 +787,110 @@ fn describe_expression_error(
     e: &ExprError,
     place: &str,
     column: &str,
-    src: &TableName,
     source: &TableInfo,
 ) -> Error {
     let what = format!("{place}[table.columns] {}", toml_key(column));
-    let hint = expression_hint(e, source);
-    Error::operator(format!(
-        "{what}: the expression does not work on source table {src}: {}",
-        e.message
-    ))
-    .hint(hint)
+    let (problem, hint) = explain(e, source);
+    Error::operator(format!("{what}: {problem}")).hint(hint)
 }
 
 fn describe_filter_error(e: &ExprError, place: &str, src: &TableName, source: &TableInfo) -> Error {
-    Error::operator(format!(
-        "{place}where of {src}: the condition does not work on the source: {}",
-        e.message
-    ))
-    .hint(expression_hint(e, source))
+    let (problem, hint) = explain(e, source);
+    Error::operator(format!("{place}[[table]] where ({src}): {problem}")).hint(hint)
 }
 
-fn expression_hint(e: &ExprError, source: &TableInfo) -> String {
-    let not_immutable = e.message.contains("not immutable");
-    match e.code.as_str() {
-        "42703" => format!(
-            "refer to source columns by name: {}",
-            names(source.stored_columns())
-        ),
-        "42883" => "functions and operators resolve in pg_catalog only; qualify your own with their schema (myschema.f(x)), and check the argument types".to_string(),
-        "42704" => "types resolve in pg_catalog only; qualify your own with their schema (myschema.mytype)".to_string(),
-        _ if not_immutable => "use only immutable functions, so a row maps the same way in the snapshot and in the stream (for example (ts AT TIME ZONE 'UTC')::date rather than ts::date for a timestamptz)".to_string(),
-        _ => e
-            .hint
-            .clone()
-            .unwrap_or_else(|| "write a scalar SQL expression over the source row's columns (no subqueries, aggregates or column references qualified by a table name)".to_string()),
+/// What went wrong with an expression, in the user's terms (the server checked it as a
+/// generated column of a probe table; none of that is theirs), and the fix.
+fn explain(e: &ExprError, source: &TableInfo) -> (String, String) {
+    let src = &source.name;
+    let scalar = "write one scalar SQL expression over the source row's columns: no subqueries, aggregates, window functions or table-qualified column references";
+    if e.code == "separator" {
+        return (
+            "the expression holds a \";\" outside quotes; an entry is one SQL expression, not statements".into(),
+            "remove the \";\" and what follows it".into(),
+        );
     }
+    if e.message.contains("not immutable") {
+        return (
+            "the expression is not immutable (it depends on the clock, the session, randomness or a function marked STABLE or VOLATILE), so the snapshot and the stream could map a row differently".into(),
+            "use only immutable functions: no now(), random() or nextval(); for a timestamptz, (ts AT TIME ZONE 'UTC')::date rather than ts::date".into(),
+        );
+    }
+    match e.code.as_str() {
+        "42703" => {
+            let missing = e.message.split('"').nth(1).unwrap_or_default();
+            if let Some(g) = source.columns.iter().find(|c| c.generated && c.name == missing) {
+                return (
+                    format!(
+                        "it reads {src}.{}, a generated column, which the stream does not carry",
+                        quote_ident(&g.name)
+                    ),
+                    "repeat the column's generation expression over the columns it is computed from".into(),
+                );
+            }
+            (
+                format!("column {} does not exist on source table {src}", quote_ident(missing)),
+                match nearest(missing, source.stored_columns()) {
+                    Some(near) => format!(
+                        "did you mean {}? source columns: {}",
+                        sql_ident(near),
+                        names(source.stored_columns())
+                    ),
+                    None => format!(
+                        "refer to source columns by name: {}",
+                        names(source.stored_columns())
+                    ),
+                },
+            )
+        }
+        "42883" => (
+            format!("{} on source table {src}", e.message),
+            "functions and operators resolve in pg_catalog only; qualify your own with their schema (myschema.f(x)), and check the argument types".into(),
+        ),
+        "42704" => (
+            format!("{} on source table {src}", e.message),
+            "types resolve in pg_catalog only; qualify your own with their schema (myschema.mytype)".into(),
+        ),
+        "42601" => (
+            format!("the expression does not parse ({})", e.message),
+            "check its parentheses and quotes: it must be one complete SQL expression".into(),
+        ),
+        "42P01" => (
+            format!("the expression refers to another table ({})", e.message),
+            scalar.into(),
+        ),
+        _ => (
+            format!(
+                "the expression does not work on source table {src}: {}",
+                e.message
+                    .replace("column generation expressions", "mapping expressions")
+                    .replace("column generation expression", "a mapping expression")
+            ),
+            e.hint.clone().unwrap_or_else(|| scalar.into()),
+        ),
+    }
+}
+
+/// The column whose name is closest to `name` (a typo), if one is close.
+fn nearest<'a>(name: &str, cols: impl Iterator<Item = &'a ColumnInfo>) -> Option<&'a str> {
+    cols.map(|c| (edit_distance(name, &c.name), c.name.as_str()))
+        .filter(|(d, n)| *d > 0 && *d <= 2.max(n.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, n)| n)
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }
 
 #[cfg(test)]
@@ -815,6 +916,13 @@ mod tests {
         assert_eq!(sql_ident("total"), "total");
         assert_eq!(sql_ident("Total"), "\"Total\"");
         assert_eq!(sql_ident("user"), "\"user\"");
+    }
+
+    #[test]
+    fn typos_find_their_column() {
+        assert_eq!(edit_distance("totl", "total"), 1);
+        assert_eq!(edit_distance("", "ab"), 2);
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
     }
 
     #[test]
