@@ -170,6 +170,30 @@ async fn mapping_converges(same_database: bool) {
         .get(0);
     assert_eq!(eu, 0, "only rows in the filter reach the target");
 
+    // The verifier reads the source through the same mapping: equal, and a corrupted
+    // computed cell is named by its target key and column.
+    let (code, report) = run_json(&["verify", job.path.to_str().unwrap()]);
+    assert_eq!(code, Some(0), "{report:#}");
+    d.batch_execute("UPDATE v2.orders SET total_cents = total_cents + 1 WHERE order_id = 1")
+        .await
+        .unwrap();
+    let (code, report) = run_json(&["verify", job.path.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{report:#}");
+    let orders = report["tables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["target"] == "v2.orders")
+        .cloned()
+        .unwrap();
+    assert_eq!(orders["differences_total"], 1, "{orders:#}");
+    assert_eq!(orders["differences"][0]["kind"], "different", "{orders:#}");
+    assert_eq!(orders["differences"][0]["key"]["order_id"], "1", "{orders:#}");
+    assert_eq!(orders["differences"][0]["columns"][0], "total_cents", "{orders:#}");
+    d.batch_execute("UPDATE v2.orders SET total_cents = total_cents - 1 WHERE order_id = 1")
+        .await
+        .unwrap();
+
     // A restart resumes through the mapping too.
     assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
     s.batch_execute(

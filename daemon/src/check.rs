@@ -645,5 +645,5 @@ async fn pg_apply_sql(
 ) -> cutover_connectors::Result<usize> {
     cutover_connectors::pg_apply::create_table_sql(source, src, dst)
         .await
-        .map(|s| s.len())
+        .map(|d| d.create.len() + d.after_load.len())
 }

@@ -253,7 +253,7 @@ pub(crate) async fn plan_tables(
                 ))
                 .hint(format!("create {dst} on the target for its [table.columns] mapping")));
             }
-            pg_apply::create_target_table(source, target, &src, &dst).await?;
+            pg_apply::create_target_table(source, target, &src, &dst, &spec.name).await?;
             existing = catalog::table_info(target, &dst).await?;
         }
         let t: TableInfo = existing.ok_or_else(|| {
@@ -321,8 +321,12 @@ async fn run_once(ctx: &JobContext) -> Result<Ended> {
                 .execute("DELETE FROM cutover.progress WHERE job = $1", &[&spec.name])
                 .await
                 .map_err(|e| Error::from_pg("reset cutover.progress", "the target", &e))?;
+            // Tables created for this job keep the indexes they are to get after the copy.
             target
-                .execute("DELETE FROM cutover.tables WHERE job = $1", &[&spec.name])
+                .execute(
+                    "DELETE FROM cutover.tables WHERE job = $1 AND deferred_indexes IS NULL",
+                    &[&spec.name],
+                )
                 .await
                 .map_err(|e| Error::from_pg("reset cutover.tables", "the target", &e))?;
             tracing::info!(slot = %slot, consistent_point = %created.consistent_point, "created replication slot");

@@ -6,16 +6,27 @@
 //! the target table). Not carried: defaults, sequences and identity (the target's values
 //! come from the source until cutover; set them up before switching), foreign keys (the
 //! referenced tables may not exist yet; add them after the copy), triggers, grants. The
-//! table is created with its primary key, which the apply needs, and the copy then drops
-//! and rebuilds large tables' indexes after the load (`super::indexes`).
+//! table is created with its primary key, which the apply needs; its other constraints and
+//! indexes are built after the data is loaded: they are saved as the table's deferred
+//! indexes (`cutover.tables.deferred_indexes`, in the transaction that creates the table),
+//! which the copy creates when its last chunk is in (`super::indexes`).
 
 use tokio_postgres::Client;
 
 use crate::error::{Error, Result};
-use crate::ident::{TableName, quote_ident};
+use crate::ident::{TableName, quote_ident, quote_literal};
 
 fn err(what: &str, side: &str, e: tokio_postgres::Error) -> Error {
     Error::from_pg(what, side, &e)
+}
+
+/// How to create a target table like a source table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TableDefinition {
+    /// The table and its primary key.
+    pub create: Vec<String>,
+    /// Other constraints and indexes, built after the load.
+    pub after_load: Vec<String>,
 }
 
 /// The statements that create `target` like `source`, read from the source's catalog.
@@ -23,7 +34,7 @@ pub async fn create_table_sql(
     source: &Client,
     src: &TableName,
     dst: &TableName,
-) -> Result<Vec<String>> {
+) -> Result<TableDefinition> {
     let rel = source
         .query_one(
             "SELECT c.oid, pg_catalog.quote_ident(n.nspname) || '.' || pg_catalog.quote_ident(c.relname) \
@@ -63,9 +74,10 @@ pub async fn create_table_sql(
     }
     let target = dst.quoted();
     let mut statements = vec![format!("CREATE TABLE {target} ({})", column_sql.join(", "))];
+    let mut after_load = Vec::new();
     let constraints = source
         .query(
-            "SELECT pg_catalog.quote_ident(conname), pg_catalog.pg_get_constraintdef(oid) \
+            "SELECT pg_catalog.quote_ident(conname), pg_catalog.pg_get_constraintdef(oid), contype = 'p' \
              FROM pg_catalog.pg_constraint WHERE conrelid = $1 AND contype IN ('p', 'u', 'c', 'x') \
              ORDER BY contype = 'p' DESC, conname",
             &[&oid],
@@ -75,7 +87,13 @@ pub async fn create_table_sql(
     for c in &constraints {
         let name: String = c.get(0);
         let def: String = c.get(1);
-        statements.push(format!("ALTER TABLE {target} ADD CONSTRAINT {name} {def}"));
+        let primary: bool = c.get(2);
+        let statement = format!("ALTER TABLE {target} ADD CONSTRAINT {name} {def}");
+        if primary {
+            statements.push(statement);
+        } else {
+            after_load.push(statement);
+        }
     }
     let indexes = source
         .query(
@@ -98,24 +116,49 @@ pub async fn create_table_sql(
             .detail(def)
             .hint("create the target table yourself, or drop create_tables"));
         }
-        statements.push(def.replacen(&from, &to, 1));
+        after_load.push(def.replacen(&from, &to, 1));
     }
-    Ok(statements)
+    Ok(TableDefinition {
+        create: statements,
+        after_load,
+    })
 }
 
-/// Create `dst` on the target like `src` on the source (and its schema if missing), in one
-/// transaction.
+/// Create `dst` on the target like `src` on the source (and its schema if missing), with
+/// its primary key, and save its other constraints and indexes for after the copy of job
+/// `job`: one transaction, so a crash leaves either nothing or both.
 pub async fn create_target_table(
     source: &Client,
     target: &Client,
     src: &TableName,
     dst: &TableName,
+    job: &str,
 ) -> Result<()> {
-    let statements = create_table_sql(source, src, dst).await?;
+    super::ensure_state_schema(target).await?;
+    let def = create_table_sql(source, src, dst).await?;
+    let deferred = if def.after_load.is_empty() {
+        "NULL".to_string()
+    } else {
+        format!(
+            "ARRAY[{}]::text[]",
+            def.after_load
+                .iter()
+                .map(|s| quote_literal(s))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
     let sql = format!(
-        "BEGIN; CREATE SCHEMA IF NOT EXISTS {}; {}; COMMIT;",
+        "BEGIN; CREATE SCHEMA IF NOT EXISTS {}; {}; \
+         INSERT INTO cutover.tables (job, source_table, target_table, snapshot_lsn, deferred_indexes) \
+         VALUES ({}, {}, {}, '0/0', {deferred}) \
+         ON CONFLICT (job, source_table) DO UPDATE SET target_table = EXCLUDED.target_table, \
+           deferred_indexes = EXCLUDED.deferred_indexes, done_at = NULL; COMMIT;",
         quote_ident(&dst.schema),
-        statements.join("; ")
+        def.create.join("; "),
+        quote_literal(job),
+        quote_literal(&src.to_string()),
+        quote_literal(&dst.to_string())
     );
     if let Err(e) = target.batch_execute(&sql).await {
         let _ = target.batch_execute("ROLLBACK").await;

@@ -19,7 +19,7 @@ mod state;
 
 pub use apply::{Applier, ApplyStats, GroupLimits, Paused};
 pub use copy::{CopyChunk, CopyCounters, copy_chunk, mark_done, plan_chunks, truncate_target};
-pub use create::{create_table_sql, create_target_table};
+pub use create::{TableDefinition, create_table_sql, create_target_table};
 pub use indexes::{defer_indexes, restore_indexes_and_mark_done, undo_interrupted_deferrals};
 pub use mapper::{Mapper, Shape, Step};
 pub use plan::{ColumnMap, Filter, MappingSpec, TablePlan, plan_table};
