@@ -188,8 +188,14 @@ async fn mapping_converges(same_database: bool) {
         .unwrap();
     assert_eq!(orders["differences_total"], 1, "{orders:#}");
     assert_eq!(orders["differences"][0]["kind"], "different", "{orders:#}");
-    assert_eq!(orders["differences"][0]["key"]["order_id"], "1", "{orders:#}");
-    assert_eq!(orders["differences"][0]["columns"][0], "total_cents", "{orders:#}");
+    assert_eq!(
+        orders["differences"][0]["key"]["order_id"], "1",
+        "{orders:#}"
+    );
+    assert_eq!(
+        orders["differences"][0]["columns"][0], "total_cents",
+        "{orders:#}"
+    );
     d.batch_execute("UPDATE v2.orders SET total_cents = total_cents - 1 WHERE order_id = 1")
         .await
         .unwrap();
@@ -353,6 +359,46 @@ async fn ddl_on_a_table_mapped_by_name() {
         .unwrap()
         .get(0);
     assert_eq!(n, 0);
+
+    // Restarted without a fix, the table stays paused and keeps holding its changes,
+    // also the new ones; the others go on.
+    assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
+    let mut daemon = Daemon::start(&job);
+    daemon
+        .wait_phase("streaming", Duration::from_secs(60))
+        .await;
+    s.batch_execute(
+        "UPDATE public.items SET qty = qty + 1 WHERE id IN (2, 12);
+         INSERT INTO public.items VALUES (14, 'item14', 14, 'red');
+         INSERT INTO public.other VALUES (3, 'second pause');",
+    )
+    .await
+    .unwrap();
+    wait_equal(
+        &s,
+        &d,
+        "public.other",
+        "public.other",
+        Duration::from_secs(30),
+        Some(&daemon),
+    )
+    .await;
+    let t = wait_table(&daemon, items, "needs_attention after the restart", |t| {
+        t["needs_attention"]
+            .as_str()
+            .is_some_and(|w| w.contains("qty"))
+    })
+    .await;
+    assert!(t["needs_attention"].is_string(), "{t}");
+    let n: i64 = d
+        .query_one(
+            "SELECT count(*) FROM public.items WHERE id IN (12, 14)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "still held");
 
     // The operator widens the column and restarts: the held changes apply, once.
     assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));

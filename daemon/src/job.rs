@@ -25,6 +25,7 @@ use cutover_connectors::catalog::{self, TableInfo};
 use cutover_connectors::error::{Error, Result};
 use cutover_connectors::pg_apply::{
     self, Applier, CopyChunk, CopyCounters, GroupLimits, Mapper, MappingSpec, Step, TablePlan,
+    TablesAtStart,
 };
 use cutover_connectors::pg_source::client::{ReplicationSession, ReplicationStream, StreamEvent};
 use cutover_connectors::pg_source::decode::LogicalMessage;
@@ -222,6 +223,14 @@ pub(crate) fn first_mapping_error(mut errors: Vec<Error>) -> Error {
 /// Build a plan per table from both catalogs. With `create_missing` (only `run` passes it)
 /// and `[target] create_tables`, missing target tables are created first; everyone else
 /// only reads.
+/// A table whose mapping does not hold against the catalogs (`run` may go on without it
+/// when it is past its snapshot: see `run_once`).
+pub(crate) struct Broken {
+    pub source: TableName,
+    pub target: TableName,
+    pub error: Error,
+}
+
 pub(crate) async fn plan_tables(
     create_missing: bool,
     spec: &JobSpec,
@@ -229,6 +238,7 @@ pub(crate) async fn plan_tables(
     target_params: &ConnParams,
     source: &tokio_postgres::Client,
     target: &tokio_postgres::Client,
+    mut broken: Option<&mut Vec<Broken>>,
 ) -> Result<Vec<Arc<TablePlan>>> {
     let same_database = source_params.host == target_params.host
         && source_params.port == target_params.port
@@ -262,10 +272,17 @@ pub(crate) async fn plan_tables(
                 src.quoted()
             ))
         })?;
-        let plan = pg_apply::plan_table(source, target, s, t, &mapping)
-            .await
-            .map_err(first_mapping_error)?;
-        plans.push(Arc::new(plan));
+        match pg_apply::plan_table(source, target, s, t, &mapping).await {
+            Ok(plan) => plans.push(Arc::new(plan)),
+            Err(errors) => match broken.as_deref_mut() {
+                Some(list) => list.push(Broken {
+                    source: src,
+                    target: dst,
+                    error: first_mapping_error(errors),
+                }),
+                None => return Err(first_mapping_error(errors)),
+            },
+        }
     }
     Ok(plans)
 }
@@ -277,26 +294,47 @@ async fn run_once(ctx: &JobContext) -> Result<Ended> {
     let source = pg_conn::connect(&ctx.source, &ctx.app_name("control")).await?;
     let target = pg_conn::connect(&ctx.target, &ctx.app_name("control")).await?;
     pg_apply::undo_interrupted_deferrals(&target, &spec.name).await?;
-    let plans = plan_tables(true, &ctx.spec, &ctx.source, &ctx.target, &source, &target).await?;
+    // A table whose mapping broke while the job was down (or that an earlier run paused and
+    // nobody fixed yet) stays paused if it is past its snapshot; the others run.
+    let mut broken = Vec::new();
+    let plans = plan_tables(
+        true,
+        &ctx.spec,
+        &ctx.source,
+        &ctx.target,
+        &source,
+        &target,
+        Some(&mut broken),
+    )
+    .await?;
     pg_apply::ensure_state_schema(&target).await?;
     ctx.status.update(|s| {
         s.error = None;
         let old: HashMap<String, TableStatus> =
             s.tables.drain(..).map(|t| (t.source.clone(), t)).collect();
-        s.tables = plans
+        let names = plans
             .iter()
-            .map(|p| {
-                old.get(&p.source_name().to_string())
-                    .cloned()
-                    .unwrap_or(TableStatus {
-                        source: p.source_name().to_string(),
-                        target: p.target_name().to_string(),
-                        rows_copied: 0,
-                        bytes_copied: 0,
-                        snapshot_done: false,
-                        needs_attention: None,
-                        notes: Vec::new(),
-                    })
+            .map(|p| (p.source_name(), p.target_name(), None))
+            .chain(
+                broken
+                    .iter()
+                    .map(|b| (&b.source, &b.target, Some(b.error.to_string()))),
+            );
+        s.tables = names
+            .map(|(src, dst, attention)| {
+                let mut t = old.get(&src.to_string()).cloned().unwrap_or(TableStatus {
+                    source: src.to_string(),
+                    target: dst.to_string(),
+                    rows_copied: 0,
+                    bytes_copied: 0,
+                    snapshot_done: false,
+                    needs_attention: None,
+                    notes: Vec::new(),
+                });
+                if attention.is_some() {
+                    t.needs_attention = attention;
+                }
+                t
             })
             .collect();
     });
@@ -307,7 +345,11 @@ async fn run_once(ctx: &JobContext) -> Result<Ended> {
         provision::check_slot_usable(&slot, state, &ctx.source.dbname)?;
     }
     // The publication first, then the slot (hard case 14).
-    let source_tables: Vec<TableName> = plans.iter().map(|p| p.source_name().clone()).collect();
+    let source_tables: Vec<TableName> = plans
+        .iter()
+        .map(|p| p.source_name().clone())
+        .chain(broken.iter().map(|b| b.source.clone()))
+        .collect();
     provision::ensure_publication(&source, &publication, &source_tables).await?;
 
     let mut snapshot_session = None;
@@ -340,6 +382,17 @@ async fn run_once(ctx: &JobContext) -> Result<Ended> {
     let mut snapshot_lsn: HashMap<TableName, Lsn> = HashMap::new();
     let mut resuming: HashMap<TableName, Lsn> = HashMap::new();
     let mut known: HashMap<TableName, Vec<String>> = HashMap::new();
+    let mut paused: HashMap<TableName, (Option<Lsn>, String)> = HashMap::new();
+    for b in broken {
+        match states.get(&b.source.to_string()) {
+            Some(st) if st.done => {
+                tracing::error!(table = %b.source, "the table's apply stays paused: {}", b.error);
+                paused.insert(b.source, (st.paused_lsn, b.error.to_string()));
+            }
+            // Not copied yet: nothing to hold, the mapping must be fixed first.
+            _ => return Err(b.error),
+        }
+    }
     for plan in &plans {
         let Some(st) = states.get(&plan.source_name().to_string()) else {
             continue;
@@ -433,7 +486,12 @@ async fn run_once(ctx: &JobContext) -> Result<Ended> {
         return Ok(Ended::Stopped);
     }
 
-    stream(ctx, source, target, plans, snapshot_lsn, resuming, known).await
+    let tables = TablesAtStart {
+        snapshot_lsn,
+        resuming,
+        paused,
+    };
+    stream(ctx, source, target, plans, tables, known).await
 }
 
 /// The source columns a table's copy starts with: the stream's columns outside this list
@@ -696,7 +754,7 @@ impl Streaming<'_> {
                 LogicalMessage::Relation(r) => {
                     // Only reached for relations the mapper passed on whole.
                     let table = TableName::new(r.namespace.clone(), r.name.clone());
-                    self.applier.relation(&r, table, None, &[], None).await?
+                    self.applier.relation(&r, table, None, &[], None).await?;
                 }
                 LogicalMessage::Insert(i) => self.applier.insert(&i).await?,
                 LogicalMessage::Update(u) => self.applier.update(&u).await?,
@@ -737,7 +795,8 @@ impl Streaming<'_> {
             Step::Nothing => {}
             Step::Shape(shape) => {
                 let mapped = shape.plan.is_some();
-                self.applier
+                let applies = self
+                    .applier
                     .relation(
                         &shape.relation,
                         shape.table.clone(),
@@ -752,7 +811,7 @@ impl Streaming<'_> {
                 let name = shape.table.to_string();
                 self.ctx.status.update(|s| {
                     if let Some(t) = s.tables.iter_mut().find(|t| t.source == name) {
-                        if mapped {
+                        if mapped && applies {
                             t.needs_attention = None;
                         }
                         for note in &shape.notes {
@@ -804,8 +863,7 @@ async fn stream(
     source: tokio_postgres::Client,
     target: tokio_postgres::Client,
     plans: Vec<Arc<TablePlan>>,
-    snapshot_lsn: HashMap<TableName, Lsn>,
-    resuming: HashMap<TableName, Lsn>,
+    tables: TablesAtStart,
     known: HashMap<TableName, Vec<String>>,
 ) -> Result<Ended> {
     let spec = &ctx.spec;
@@ -814,8 +872,15 @@ async fn stream(
         .await?
         .unwrap_or_default();
     let replica_role = prepare_target_session(&target).await;
-    // Tables paused by an earlier run get their changes again from where they stopped.
-    let start = resuming.values().copied().fold(progress.end_lsn, Lsn::min);
+    // Tables paused by an earlier run get their changes again from where they stopped
+    // (also those that stay paused: the session reports its start as flushed, which must
+    // not pass what they hold).
+    let start = tables
+        .resuming
+        .values()
+        .copied()
+        .chain(tables.paused.values().filter_map(|(since, _)| *since))
+        .fold(progress.end_lsn, Lsn::min);
     let session =
         ReplicationSession::connect(&ctx.source, &slot, &slot, start, &ctx.app_name("stream"))
             .await?;
@@ -828,11 +893,10 @@ async fn stream(
     let applier = Applier::new(
         target,
         &spec.name,
-        snapshot_lsn,
+        tables,
         progress,
         GroupLimits::default(),
         replica_role,
-        resuming,
     );
     let base = {
         let s = ctx.status.snapshot();

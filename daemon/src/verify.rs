@@ -41,6 +41,7 @@ pub async fn verify(args: &VerifyArgs) -> anyhow::Result<Outcome> {
         &target_params,
         &source,
         &target,
+        None,
     )
     .await
     .map_err(|e| anyhow::anyhow!("{e}"))?;

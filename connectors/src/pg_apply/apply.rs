@@ -150,19 +150,35 @@ pub struct Paused {
     dirty: bool,
 }
 
+/// Where the tables stand when an applier starts (from `cutover.tables`).
+#[derive(Debug, Default)]
+pub struct TablesAtStart {
+    /// Changes to a table apply only from transactions that commit at or after its
+    /// snapshot's LSN.
+    pub snapshot_lsn: HashMap<TableName, Lsn>,
+    /// Tables paused by an earlier run whose mapping holds again: their changes apply from
+    /// this commit LSN on, also in transactions the target otherwise holds.
+    pub resuming: HashMap<TableName, Lsn>,
+    /// Tables that stay paused (their mapping still does not hold): where they stopped, if
+    /// anywhere yet, and why.
+    pub paused: HashMap<TableName, (Option<Lsn>, String)>,
+}
+
 impl Applier {
     /// `committed` is the target's progress row (or the slot's start when there is none).
-    /// `resuming` lists the tables paused by an earlier run, from the commit LSN at which
-    /// they stopped.
     pub fn new(
         client: Client,
         job: &str,
-        snapshot_lsn: HashMap<TableName, Lsn>,
+        tables: TablesAtStart,
         committed: Progress,
         limits: GroupLimits,
         net_changes: bool,
-        resuming: HashMap<TableName, Lsn>,
     ) -> Self {
+        let TablesAtStart {
+            snapshot_lsn,
+            resuming,
+            paused,
+        } = tables;
         Self {
             client,
             job: job.to_string(),
@@ -185,7 +201,19 @@ impl Applier {
             net_changes,
             queues: HashMap::new(),
             queued_bytes: 0,
-            paused: HashMap::new(),
+            paused: paused
+                .into_iter()
+                .map(|(table, (since, reason))| {
+                    (
+                        table,
+                        Paused {
+                            since,
+                            reason,
+                            dirty: since.is_some(),
+                        },
+                    )
+                })
+                .collect(),
             resuming,
             horizon: committed.commit_lsn,
         }
@@ -229,13 +257,21 @@ impl Applier {
                 },
             );
         }
-        self.resuming.remove(&table);
+        // A table still catching up has applied nothing from where it resumes on (that
+        // position moves with every group): it pauses there again.
+        let resumed_at = self.resuming.remove(&table);
         let entry = self.paused.entry(table.clone()).or_insert(Paused {
             since: None,
             reason: reason.clone(),
             dirty: false,
         });
         entry.reason = reason;
+        if let Some(at) = resumed_at
+            && entry.since.is_none()
+        {
+            entry.since = Some(at);
+            entry.dirty = true;
+        }
         if at_change && let Some((lsn, _)) = self.txn {
             self.note_paused_change(&table, lsn);
         }
@@ -285,7 +321,8 @@ impl Applier {
     }
 
     /// A relation's shape and the plan its changes apply with (`None`: not carried), with
-    /// target DDL to run first and the source columns to record with it.
+    /// target DDL to run first and the source columns to record with it. Returns whether
+    /// the table's changes apply (false: it stays paused until the next run).
     pub async fn relation(
         &mut self,
         rel: &Relation,
@@ -293,7 +330,7 @@ impl Applier {
         plan: Option<Arc<TablePlan>>,
         ddl: &[String],
         known_columns: Option<&[String]>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         // What is queued or open for the table was planned with its previous shape.
         self.flush_queue(rel.oid).await?;
         self.queues.remove(&rel.oid);
@@ -321,8 +358,25 @@ impl Applier {
                 }
             }
         }
-        if self.paused.remove(&table).is_some() {
-            tracing::info!(table = %table, "the mapping holds again; the table's apply resumes");
+        match self.paused.get(&table) {
+            // Changes were held back since the pause: they come again only from the slot,
+            // in the next run. Until then the table stays paused.
+            Some(p) if p.since.is_some() || plan.is_none() => {
+                self.relations.insert(
+                    rel.oid,
+                    RelationMap {
+                        name: table,
+                        plan: None,
+                        source_index: Vec::new(),
+                    },
+                );
+                return Ok(false);
+            }
+            Some(_) => {
+                self.paused.remove(&table);
+                tracing::info!(table = %table, "the mapping holds again; the table's apply resumes");
+            }
+            None => {}
         }
         if !ddl.is_empty() || known_columns.is_some() {
             self.ensure_group();
@@ -352,7 +406,7 @@ impl Applier {
                 source_index,
             },
         );
-        Ok(())
+        Ok(true)
     }
 
     pub fn begin(&mut self, begin: &Begin) -> Result<()> {
@@ -1184,10 +1238,23 @@ impl Applier {
                 );
             }
         }
-        // Resumed tables have caught up once the group passes where the target was.
+        // Resumed tables have caught up once the group passes where the target was; until
+        // then their resume point moves past what this group applied, in this group.
         let caught_up: Vec<TableName> = if last.commit_lsn >= self.horizon {
             self.resuming.keys().cloned().collect()
         } else {
+            for (table, at) in self
+                .resuming
+                .iter_mut()
+                .filter(|(_, at)| **at < last.end_lsn)
+            {
+                *at = last.end_lsn;
+                let _ = write!(
+                    self.sql,
+                    "UPDATE cutover.tables SET paused_lsn = '{at}' WHERE job = {job} AND source_table = {};",
+                    quote_literal(&table.to_string())
+                );
+            }
             Vec::new()
         };
         for table in &caught_up {
