@@ -563,3 +563,94 @@ async fn ddl_on_a_table_with_an_explicit_mapping() {
     assert_eq!(n, 0, "nothing past the pause is applied");
     assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
 }
+
+/// `kill -9` while mapped tables stream under a writer: the target equals the mapped source
+/// exactly (a keyless journal shows any change applied twice as an extra row).
+#[tokio::test(flavor = "multi_thread")]
+async fn mapped_tables_survive_kill_9() {
+    let (src, dst) = tokio::join!(cluster("mapk-src"), cluster("mapk-dst"));
+    src.create_database("db").await.unwrap();
+    src.execute(
+        "db",
+        "CREATE TABLE public.accounts (id int PRIMARY KEY, balance numeric(12,2), region text);
+         ALTER TABLE public.accounts REPLICA IDENTITY FULL;
+         INSERT INTO public.accounts SELECT i, i, CASE WHEN i % 2 = 0 THEN 'eu' ELSE 'us' END
+         FROM generate_series(1, 50) i;
+         CREATE TABLE public.journal (op bigint, note text);
+         ALTER TABLE public.journal REPLICA IDENTITY FULL;",
+    )
+    .await
+    .unwrap();
+    dst.create_database("db").await.unwrap();
+    dst.execute(
+        "db",
+        "CREATE TABLE public.accounts (id int PRIMARY KEY, cents bigint, region text);
+         CREATE TABLE public.journal (op bigint, shout text);",
+    )
+    .await
+    .unwrap();
+    let job = Job::write(
+        "mapk",
+        &src.url("db"),
+        &dst.url("db"),
+        "[[table]]\nsource = \"public.accounts\"\nwhere = \"region = 'eu'\"\n\n[table.columns]\ncents = \"(balance * 100)::bigint\"\n\n\
+         [[table]]\nsource = \"public.journal\"\n\n[table.columns]\nshout = \"upper(note)\"\n",
+    );
+    let mut daemon = Daemon::start(&job);
+    daemon
+        .wait_phase("streaming", Duration::from_secs(60))
+        .await;
+    let s = src.connect("db").await.unwrap();
+    let d = dst.connect("db").await.unwrap();
+    let writer_client = src.connect("db").await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_w = stop.clone();
+    let writer = tokio::spawn(async move {
+        let mut op: u64 = 0;
+        while !stop_w.load(std::sync::atomic::Ordering::Relaxed) {
+            op += 1;
+            let id = op % 50 + 1;
+            let region = if op % 3 == 0 { "us" } else { "eu" };
+            let sql = format!(
+                "BEGIN; UPDATE accounts SET balance = balance + 0.01, region = '{region}' WHERE id = {id}; \
+                 INSERT INTO journal VALUES ({op}, 'op {op}'); COMMIT;"
+            );
+            writer_client.batch_execute(&sql).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        daemon.kill9();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        daemon = Daemon::start(&job);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    wait_equal(
+        &s,
+        &d,
+        "(SELECT id, (balance * 100)::bigint, region FROM public.accounts WHERE region = 'eu')",
+        "public.accounts",
+        Duration::from_secs(60),
+        Some(&daemon),
+    )
+    .await;
+    wait_equal(
+        &s,
+        &d,
+        "(SELECT op, upper(note) FROM public.journal)",
+        "public.journal",
+        Duration::from_secs(60),
+        Some(&daemon),
+    )
+    .await;
+    let n: i64 = d
+        .query_one("SELECT count(*) FROM public.journal", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(n > 100, "the writer wrote while the daemon was killed: {n}");
+    assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
+}
