@@ -610,7 +610,7 @@ async fn mapped_tables_survive_kill_9() {
         while !stop_w.load(std::sync::atomic::Ordering::Relaxed) {
             op += 1;
             let id = op % 50 + 1;
-            let region = if op % 3 == 0 { "us" } else { "eu" };
+            let region = if op.is_multiple_of(3) { "us" } else { "eu" };
             let sql = format!(
                 "BEGIN; UPDATE accounts SET balance = balance + 0.01, region = '{region}' WHERE id = {id}; \
                  INSERT INTO journal VALUES ({op}, 'op {op}'); COMMIT;"
