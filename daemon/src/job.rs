@@ -718,6 +718,31 @@ async fn prepare_target_session(client: &tokio_postgres::Client) -> bool {
 /// they are mapped and applied.
 const BATCH_EVENTS: usize = 2000;
 
+/// ... and at most about this many bytes of row values.
+const BATCH_BYTES: usize = 8 << 20;
+
+/// The bytes of row values an event holds.
+fn event_bytes(event: &StreamEvent) -> usize {
+    use cutover_connectors::pg_source::decode::{ColumnValue, TupleData};
+    let tuple = |t: &TupleData| {
+        t.columns
+            .iter()
+            .map(|v| match v {
+                ColumnValue::Text(b) | ColumnValue::Binary(b) => b.len(),
+                _ => 0,
+            })
+            .sum::<usize>()
+    };
+    match event {
+        StreamEvent::Message(LogicalMessage::Insert(i)) => tuple(&i.new),
+        StreamEvent::Message(LogicalMessage::Update(u)) => {
+            tuple(&u.new) + u.old.as_ref().map_or(0, |o| tuple(o.tuple()))
+        }
+        StreamEvent::Message(LogicalMessage::Delete(d)) => tuple(d.old.tuple()),
+        _ => 0,
+    }
+}
+
 /// What `stream` tracks across events.
 struct Streaming<'a> {
     ctx: &'a JobContext,
@@ -967,9 +992,13 @@ async fn stream(
         if mapper.evaluates() {
             // Rows of evaluated tables go to the source in round trips of many rows: take
             // what has already arrived.
-            while batch.len() < BATCH_EVENTS {
+            let mut bytes = event_bytes(&batch[0]);
+            while batch.len() < BATCH_EVENTS && bytes < BATCH_BYTES {
                 match st.stream.next().now_or_never() {
-                    Some(Ok(Some(ev))) => batch.push(ev),
+                    Some(Ok(Some(ev))) => {
+                        bytes += event_bytes(&ev);
+                        batch.push(ev);
+                    }
                     Some(Err(e)) => return Err(e),
                     Some(Ok(None)) | None => break,
                 }
