@@ -322,6 +322,7 @@ impl Mapper {
                         .source
                         .columns
                         .iter()
+                        .filter(|s| !s.generated)
                         .filter(|s| position(&s.name).is_some() || s.name == c.source)
                         .collect();
                     let at = live.iter().position(|s| s.name == c.source).unwrap_or(p);
@@ -752,13 +753,14 @@ impl Mapper {
         let mut out: Vec<Evaluated> = Vec::with_capacity(rows.len());
         let plan = &state.plan;
         let mut head = String::from("SELECT \"cutover.n\"");
-        for (j, c) in plan.columns.iter().enumerate() {
+        // Key columns are evaluated for every image; the rest only for whole rows (an old
+        // key-only image has nothing else to compute from).
+        for c in &plan.columns {
             if c.key {
                 let _ = write!(head, ", {}", c.expr);
             } else {
                 let _ = write!(head, ", CASE WHEN \"cutover.full\" THEN {} END", c.expr);
             }
-            let _ = j;
         }
         if let Some(f) = plan.filter_sql() {
             if state.filter_on_key {
