@@ -13,6 +13,13 @@
 //!   consumer is stopped, then drained by `cutover run` or by a re-enabled native subscription,
 //!   timed until the consumer's slot has confirmed the WAL position taken right after pgbench
 //!   ended. Floor: `pg_recvlogical` (pgoutput) of a slot created before its own backlog.
+//!   A fourth tool, `cutover, mapped`, is the same `cutover run` with `pgbench_accounts`
+//!   mapped through `[table.columns]` (`where = "aid > 0"`, `abalance = "abalance + 0"`): the
+//!   rows stay identical (so the same gate holds), but every change to that table — the bulk
+//!   of the backlog — is evaluated on the source (the daemon sends the changed rows back as
+//!   `SELECT <expressions> FROM (VALUES ...)`) before it is applied. Its ratio to plain
+//!   `cutover` is the cost of evaluating a mapping on the source in the stream. The filter
+//!   reads only the primary key, so the table needs no `REPLICA IDENTITY FULL`.
 //!
 //! Every timed run (floors that write a target too) is gated by comparing every pgbench
 //! table on both sides with `count(*)` and `sum(hashtext(t::text))`; a mismatch marks the
@@ -53,6 +60,13 @@ use cutover::cluster::PG_ENV;
 const COPY: &str = "copy";
 const CATCHUP: &str = "catchup";
 const OURS: &str = "cutover";
+/// `cutover` with `pgbench_accounts` mapped through `[table.columns]` (catch-up only).
+const OURS_MAPPED: &str = "cutover, mapped";
+/// What the mapped job writes for `pgbench_accounts`: a filter on the key and an expression
+/// that leaves the value unchanged, so every change is evaluated on the source.
+const MAPPED_TABLE: &str = "pgbench_accounts";
+const MAPPED_WHERE: &str = "aid > 0";
+const MAPPED_COLUMN: (&str, &str) = ("abalance", "abalance + 0");
 const PG_DUMP: &str = "pg_dump|psql";
 const PGCOPYDB: &str = "pgcopydb clone";
 const NATIVE: &str = "native LR";
@@ -72,7 +86,7 @@ struct Args {
     /// Repetitions of every tool in every scenario (the tool order rotates each time).
     #[arg(long, default_value_t = 3)]
     reps: usize,
-    /// Scenarios to run, comma-separated: copy, catchup.
+    /// Scenarios to run, comma-separated: copy, catchup (catchup includes `cutover, mapped`).
     #[arg(long, default_value = "copy,catchup")]
     only: String,
     /// Seconds of pgbench load that make up each catch-up backlog.
@@ -586,6 +600,7 @@ impl Bench {
         }
         let mut tools: Vec<(&'static str, Kind)> = vec![
             (OURS, Kind::Ours),
+            (OURS_MAPPED, Kind::Ours),
             (NATIVE, Kind::Peer),
             (FLOOR_RECVLOGICAL, Kind::Floor),
         ];
@@ -595,7 +610,8 @@ impl Bench {
                     eprintln!("cutover-bench: checkpoint before {tool} failed: {e:#}");
                 }
                 let result = match tool {
-                    OURS => Box::pin(self.catchup_ours(rep)).await,
+                    OURS => Box::pin(self.catchup_ours(rep, false)).await,
+                    OURS_MAPPED => Box::pin(self.catchup_ours(rep, true)).await,
                     NATIVE => Box::pin(self.catchup_native(rep)).await,
                     _ => Box::pin(self.catchup_floor(rep)).await,
                 };
@@ -619,7 +635,7 @@ impl Bench {
         let name = format!("bcopy-{rep}");
         self.fresh_db(&db, Some(&self.schema_full)).await?;
         let result = async {
-            let (job, api) = self.write_job(&name, &db)?;
+            let (job, api) = self.write_job(&name, &db, false)?;
             let cpu0 = self.cpu();
             let t0 = Instant::now();
             let mut daemon = self.spawn_daemon(&job, &api, &format!("{name}.log"))?;
@@ -864,13 +880,25 @@ impl Bench {
 
     // ----- catch-up tools -----
 
-    async fn catchup_ours(&self, rep: usize) -> Result<Measured> {
-        let db = format!("catchup_ours_{rep}");
-        let name = format!("bcatch-{rep}");
-        let slot = format!("cutover_bcatch_{rep}");
+    /// `cutover run` draining a backlog; with `mapped`, `pgbench_accounts` goes through
+    /// `[table.columns]` (see [`Bench::write_job`]).
+    async fn catchup_ours(&self, rep: usize, mapped: bool) -> Result<Measured> {
+        let (db, name, slot) = if mapped {
+            (
+                format!("catchup_mapped_{rep}"),
+                format!("bcatchmap-{rep}"),
+                format!("cutover_bcatchmap_{rep}"),
+            )
+        } else {
+            (
+                format!("catchup_ours_{rep}"),
+                format!("bcatch-{rep}"),
+                format!("cutover_bcatch_{rep}"),
+            )
+        };
         self.fresh_db(&db, Some(&self.schema_full)).await?;
         let result = async {
-            let (job, api) = self.write_job(&name, &db)?;
+            let (job, api) = self.write_job(&name, &db, mapped)?;
             // The job exists: slot created, snapshot copied, then the daemon stopped.
             let mut daemon = self.spawn_daemon(&job, &api, &format!("{name}-setup.log"))?;
             let ready = wait_status(&mut daemon, RUN_TIMEOUT, |s| {
@@ -909,8 +937,17 @@ impl Bench {
                 units: backlog.txns,
                 check,
                 note: format!(
-                    "{}; wall includes process start; slot active after {connected:.2} s, \
+                    "{}{}; wall includes process start; slot active after {connected:.2} s, \
                      status applied_lsn at the end after {} s",
+                    if mapped {
+                        format!(
+                            "{MAPPED_TABLE} mapped (where {MAPPED_WHERE}, {} = {}), \
+                             its changes evaluated on the source; ",
+                            MAPPED_COLUMN.0, MAPPED_COLUMN.1
+                        )
+                    } else {
+                        String::new()
+                    },
                     backlog.note(),
                     applied.map_or("?".to_owned(), |a| format!("{a:.2}"))
                 ),
@@ -1242,7 +1279,10 @@ impl Bench {
         })
     }
 
-    fn write_job(&self, name: &str, target_db: &str) -> Result<(PathBuf, String)> {
+    /// A job file copying every pgbench table into `target_db`. With `mapped`,
+    /// `pgbench_accounts` gets a key filter and a column expression that keep its rows
+    /// identical but make every change go through the source-side evaluation of the mapping.
+    fn write_job(&self, name: &str, target_db: &str, mapped: bool) -> Result<(PathBuf, String)> {
         let dir = self.work.path().join(name);
         std::fs::create_dir_all(&dir)?;
         let port = std::net::TcpListener::bind((cutover::cluster::HOST, 0))?
@@ -1256,7 +1296,15 @@ impl Bench {
             self.dst.url(target_db)
         );
         for t in TABLES {
-            let _ = write!(text, "[[table]]\nsource = \"public.{t}\"\n\n");
+            let _ = write!(text, "[[table]]\nsource = \"public.{t}\"\n");
+            if mapped && t == MAPPED_TABLE {
+                let _ = write!(
+                    text,
+                    "where = \"{MAPPED_WHERE}\"\n\n[table.columns]\n{} = \"{}\"\n",
+                    MAPPED_COLUMN.0, MAPPED_COLUMN.1
+                );
+            }
+            text.push('\n');
         }
         let _ = write!(
             text,
@@ -2032,58 +2080,75 @@ fn render(samples: &[Sample], env: &EnvInfo, args: &Args, elapsed: Duration) -> 
                 .iter()
                 .find(|s| s.scenario == scenario && s.tool == tool && s.n_ok > 0)
         };
-        let ours = find(OURS);
         let native = find(NATIVE);
         let show = |num: Option<&Summary>, den: Option<f64>| match (num, den) {
             (Some(n), Some(d)) if n.rate > 0.0 => format!("{:.2}×", d / n.rate),
             _ => "— (missing or failed run)".to_owned(),
         };
         let best_name = best.map_or("—", |b| b.1);
-        let _ = writeln!(
-            md,
-            "- **{scenario}**: cutover / best peer ({best_name}) = **{}**; cutover / floor = **{}**; native LR / floor = {}",
-            show(ours, best.map(|b| b.0)),
-            show(ours, floor),
-            show(native, floor)
-        );
-        if let (Some(o), Some(b)) = (
-            ours,
-            best.and_then(|b| {
-                summaries
-                    .iter()
-                    .find(|s| s.scenario == scenario && s.tool == b.1)
-            }),
-        ) {
-            let (oc, bc) = (
-                o.tool_cpu + o.src_cpu + o.dst_cpu,
-                b.tool_cpu + b.src_cpu + b.dst_cpu,
-            );
-            if bc > 0.0 && oc.is_finite() {
+        let best_summary = best.and_then(|b| {
+            summaries
+                .iter()
+                .find(|s| s.scenario == scenario && s.tool == b.1)
+        });
+        // cutover, then (catch-up) cutover with a mapped table: each its own headline.
+        for tool in [OURS, OURS_MAPPED] {
+            let ran = summaries
+                .iter()
+                .any(|s| s.scenario == scenario && s.tool == tool);
+            if tool != OURS && !ran {
+                continue;
+            }
+            let ours = find(tool);
+            if tool == OURS {
                 let _ = writeln!(
                     md,
-                    "  - total CPU (tool + both servers): cutover {oc:.2} s vs {} {bc:.2} s = {:.2}×",
-                    b.tool,
-                    oc / bc
+                    "- **{scenario}**: cutover / best peer ({best_name}) = **{}**; cutover / floor = **{}**; native LR / floor = {}",
+                    show(ours, best.map(|b| b.0)),
+                    show(ours, floor),
+                    show(native, floor)
+                );
+            } else {
+                let _ = writeln!(
+                    md,
+                    "- **{scenario}, {tool}** (`{MAPPED_TABLE}` through `[table.columns]`, every change to it evaluated on the source): {tool} / best peer ({best_name}) = **{}**; {tool} / floor = **{}**; {tool} / cutover = **{}** (the cost of the mapping)",
+                    show(ours, best.map(|b| b.0)),
+                    show(ours, floor),
+                    show(ours, find(OURS).map(|s| s.rate))
                 );
             }
-        }
-        let applied_rates: Vec<f64> = samples
-            .iter()
-            .filter(|s| s.scenario == scenario && s.tool == OURS && s.check.usable())
-            .filter_map(|s| s.applied.filter(|a| *a > 0.0).map(|a| s.units / a))
-            .collect();
-        if !applied_rates.is_empty() {
-            let rate = median(applied_rates);
-            let vs = |reference: Option<f64>| {
-                reference.map_or("—".to_owned(), |r| format!("{:.2}×", r / rate))
-            };
-            let _ = writeln!(
-                md,
-                "  - cutover timed to its own status `applied_lsn` reaching the end (its slot confirmations reach the server on a 250 ms status interval, which rounds the slot-based time up): {} txns/s = {} best peer, {} floor",
-                fmt_rate(rate),
-                vs(best.map(|b| b.0)),
-                vs(floor)
-            );
+            if let (Some(o), Some(b)) = (ours, best_summary) {
+                let (oc, bc) = (
+                    o.tool_cpu + o.src_cpu + o.dst_cpu,
+                    b.tool_cpu + b.src_cpu + b.dst_cpu,
+                );
+                if bc > 0.0 && oc.is_finite() {
+                    let _ = writeln!(
+                        md,
+                        "  - total CPU (tool + both servers): {tool} {oc:.2} s vs {} {bc:.2} s = {:.2}×",
+                        b.tool,
+                        oc / bc
+                    );
+                }
+            }
+            let applied_rates: Vec<f64> = samples
+                .iter()
+                .filter(|s| s.scenario == scenario && s.tool == tool && s.check.usable())
+                .filter_map(|s| s.applied.filter(|a| *a > 0.0).map(|a| s.units / a))
+                .collect();
+            if !applied_rates.is_empty() {
+                let rate = median(applied_rates);
+                let vs = |reference: Option<f64>| {
+                    reference.map_or("—".to_owned(), |r| format!("{:.2}×", r / rate))
+                };
+                let _ = writeln!(
+                    md,
+                    "  - {tool} timed to its own status `applied_lsn` reaching the end (its slot confirmations reach the server on a 250 ms status interval, which rounds the slot-based time up): {} txns/s = {} best peer, {} floor",
+                    fmt_rate(rate),
+                    vs(best.map(|b| b.0)),
+                    vs(floor)
+                );
+            }
         }
     }
     let problems: Vec<String> = summaries
