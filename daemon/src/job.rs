@@ -814,6 +814,13 @@ impl Streaming<'_> {
         Ok(())
     }
 
+    async fn steps(&mut self, steps: Vec<Step>) -> Result<()> {
+        for step in steps {
+            self.step(step).await?;
+        }
+        Ok(())
+    }
+
     async fn step(&mut self, step: Step) -> Result<()> {
         match step {
             Step::Event(ev) => self.event(ev).await?,
@@ -942,7 +949,13 @@ async fn stream(
     let mut stopping = false;
     let mut stop_deadline: Option<tokio::time::Instant> = None;
     let idle = Duration::from_millis(5);
+    // Steps mapped but not applied yet: the next batch is evaluated on the source while
+    // these are applied on the target.
+    let mut ready: Vec<Step> = Vec::new();
     loop {
+        if (stopping || stop_deadline.is_some()) && !ready.is_empty() {
+            st.steps(std::mem::take(&mut ready)).await?;
+        }
         if stopping && !st.applier.in_transaction() {
             if let Some(p) = st.applier.flush().await? {
                 st.confirm(p.end_lsn);
@@ -960,7 +973,9 @@ async fn stream(
             );
             return Ok(Ended::Stopped);
         }
-        let wait = if st.applier.has_uncommitted() && !st.applier.in_transaction() {
+        let wait = if !ready.is_empty()
+            || (st.applier.has_uncommitted() && !st.applier.in_transaction())
+        {
             idle
         } else {
             Duration::from_secs(1)
@@ -976,6 +991,7 @@ async fn stream(
         };
         let event = match event {
             Err(_elapsed) => {
+                st.steps(std::mem::take(&mut ready)).await?;
                 if !st.applier.in_transaction()
                     && let Some(p) = st.applier.flush().await?
                 {
@@ -1004,9 +1020,10 @@ async fn stream(
                 }
             }
         }
-        for step in mapper.process(batch).await? {
-            st.step(step).await?;
-        }
+        let (steps, applied) =
+            tokio::join!(mapper.process(batch), st.steps(std::mem::take(&mut ready)));
+        applied?;
+        ready = steps?;
     }
 }
 

@@ -75,8 +75,11 @@ struct RelState {
     plan: Arc<TablePlan>,
     /// Relation positions of the source columns the mapping reads, and their types.
     deps: Vec<(usize, String, String)>,
-    /// For each plan column, indexes into `deps`.
+    /// For each plan column, indexes into `deps` (empty for plain columns).
     column_deps: Vec<Vec<usize>>,
+    /// For each plan column that is a plain source column, its position in the relation:
+    /// its value is carried as the stream sent it, not sent to the source.
+    plain: Vec<Option<usize>>,
     filter_deps: Vec<usize>,
     /// The filter reads only key columns, so an old key tuple is enough to evaluate it.
     filter_on_key: bool,
@@ -103,6 +106,8 @@ struct Pending {
 /// and whether it is a whole row (else only the key columns are meaningful).
 struct EvalRow {
     values: Vec<Option<ColumnValue>>,
+    /// Per plan column, the value of a plain column (`None`: not plain, or not sent).
+    plain: Vec<Option<ColumnValue>>,
     full: bool,
 }
 
@@ -717,14 +722,22 @@ impl Mapper {
                 let (new, old) = images(&p.change);
                 let old_row = old.map(|o| {
                     let full = matches!(o, OldTuple::Full(_));
-                    let values = pick(&state, o.tuple(), None);
-                    rows.push(EvalRow { values, full });
+                    let (values, plain) = pick(&state, o.tuple(), None);
+                    rows.push(EvalRow {
+                        values,
+                        plain,
+                        full,
+                    });
                     rows.len() - 1
                 });
                 let new_row = new.map(|n| {
                     let fill = old.filter(|o| matches!(o, OldTuple::Full(_)));
-                    let values = pick(&state, n, fill.map(OldTuple::tuple));
-                    rows.push(EvalRow { values, full: true });
+                    let (values, plain) = pick(&state, n, fill.map(OldTuple::tuple));
+                    rows.push(EvalRow {
+                        values,
+                        plain,
+                        full: true,
+                    });
                     rows.len() - 1
                 });
                 refs.push((new_row, old_row));
@@ -755,13 +768,22 @@ impl Mapper {
         let mut head = String::from("SELECT \"cutover.n\"");
         // Key columns are evaluated for every image; the rest only for whole rows (an old
         // key-only image has nothing else to compute from).
-        for c in &plan.columns {
+        // Result position of each computed column (plain ones are not sent).
+        let mut out_pos = vec![0; plan.columns.len()];
+        let mut next = 1;
+        for (j, c) in plan.columns.iter().enumerate() {
+            if state.plain[j].is_some() {
+                continue;
+            }
+            out_pos[j] = next;
+            next += 1;
             if c.key {
                 let _ = write!(head, ", {}", c.expr);
             } else {
                 let _ = write!(head, ", CASE WHEN \"cutover.full\" THEN {} END", c.expr);
             }
         }
+        let filter_pos = next;
         if let Some(f) = plan.filter_sql() {
             if state.filter_on_key {
                 let _ = write!(head, ", ({f}) IS TRUE");
@@ -834,11 +856,15 @@ impl Mapper {
                 let row = &rows[start + n];
                 let mut columns = Vec::with_capacity(plan.columns.len());
                 for (j, deps) in state.column_deps.iter().enumerate() {
+                    if state.plain[j].is_some() {
+                        columns.push(row.plain[j].clone().unwrap_or(ColumnValue::UnchangedToast));
+                        continue;
+                    }
                     let unknown = deps.iter().any(|&d| row.values[d].is_none());
                     columns.push(if unknown {
                         ColumnValue::UnchangedToast
                     } else {
-                        match r.get(1 + j) {
+                        match r.get(out_pos[j]) {
                             Some(v) => ColumnValue::Text(Bytes::copy_from_slice(v.as_bytes())),
                             None => ColumnValue::Null,
                         }
@@ -849,7 +875,7 @@ impl Mapper {
                 } else if state.filter_deps.iter().any(|&d| row.values[d].is_none()) {
                     None
                 } else {
-                    r.get(1 + plan.columns.len()).map(|v| v == "t")
+                    r.get(filter_pos).map(|v| v == "t")
                 };
                 *slot = Some(Evaluated { columns, passes });
             }
@@ -908,7 +934,17 @@ fn eval_state(
         Ok(deps.len() - 1)
     };
     let mut column_deps = Vec::new();
+    let mut plain = Vec::new();
     for c in &plan.columns {
+        if c.plain {
+            let i = rel.columns.iter().position(|rc| rc.name == c.source);
+            if i.is_some() {
+                column_deps.push(Vec::new());
+                plain.push(i);
+                continue;
+            }
+        }
+        plain.push(None);
         column_deps.push(
             c.deps
                 .iter()
@@ -933,6 +969,7 @@ fn eval_state(
         plan: plan.clone(),
         deps,
         column_deps,
+        plain,
         filter_deps,
         filter_on_key,
     })
@@ -948,21 +985,27 @@ fn images(change: &LogicalMessage) -> (Option<&TupleData>, Option<&OldTuple>) {
     }
 }
 
-/// The values of the mapping's source columns in `tuple`; an unchanged TOAST value is
-/// taken from `fill` (a whole old row) when there is one, else unknown.
-fn pick(state: &RelState, tuple: &TupleData, fill: Option<&TupleData>) -> Vec<Option<ColumnValue>> {
-    state
-        .deps
-        .iter()
-        .map(|(i, _, _)| match tuple.columns.get(*i) {
-            Some(ColumnValue::UnchangedToast) => fill
-                .and_then(|f| f.columns.get(*i))
-                .filter(|v| !matches!(v, ColumnValue::UnchangedToast))
-                .cloned(),
-            Some(v) => Some(v.clone()),
-            None => None,
-        })
-        .collect()
+/// The values of the mapping's source columns in `tuple`, and of its plain columns; an
+/// unchanged TOAST value is taken from `fill` (a whole old row) when there is one, else
+/// unknown.
+#[allow(clippy::type_complexity)]
+fn pick(
+    state: &RelState,
+    tuple: &TupleData,
+    fill: Option<&TupleData>,
+) -> (Vec<Option<ColumnValue>>, Vec<Option<ColumnValue>>) {
+    let value = |i: usize| match tuple.columns.get(i) {
+        Some(ColumnValue::UnchangedToast) => fill
+            .and_then(|f| f.columns.get(i))
+            .filter(|v| !matches!(v, ColumnValue::UnchangedToast))
+            .cloned(),
+        Some(v) => Some(v.clone()),
+        None => None,
+    };
+    (
+        state.deps.iter().map(|(i, _, _)| value(*i)).collect(),
+        state.plain.iter().map(|i| i.and_then(value)).collect(),
+    )
 }
 
 /// The target change for a source change, from its evaluated images.
