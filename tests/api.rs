@@ -33,9 +33,11 @@ impl Server {
             status: status.clone(),
             ready_config: ReadyConfig {
                 max_lag: Duration::from_secs(5),
+                max_verify_age: Duration::from_secs(1800),
             },
             prometheus: cutover::metrics::install(),
             token: token.map(Secret::new),
+            verifier: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(api::serve(listener, state, async move {
@@ -114,6 +116,7 @@ fn make_ready(status: &mut JobStatus) {
         lsn: Some("0/16B0000".into()),
         tables_equal: true,
         differences: 0,
+        finished: Some(std::time::SystemTime::now()),
     });
 }
 
@@ -220,7 +223,7 @@ async fn ready_is_503_with_unmet_gates_then_200() {
         .iter()
         .map(|g| g["gate"].as_str().unwrap())
         .collect();
-    assert_eq!(gates, ["streaming", "snapshot", "lag"]);
+    assert_eq!(gates, ["streaming", "snapshot", "lag", "verified"]);
     for gate in answer.document["unmet"].as_array().unwrap() {
         assert!(!gate["detail"].as_str().unwrap().is_empty(), "{gate}");
     }
@@ -361,13 +364,13 @@ async fn ready_json_prints_one_document_and_sets_the_exit_code() {
     let doc: Value = serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("not one JSON document ({e}): {}", text(&out.stdout)));
     assert_eq!(doc["ready"], false);
-    assert_eq!(doc["unmet"].as_array().unwrap().len(), 3, "{doc}");
+    assert_eq!(doc["unmet"].as_array().unwrap().len(), 4, "{doc}");
 
     let out = cutover(&["ready", "--api", &addr], None).await;
     assert_eq!(out.status.code(), Some(1));
     let stdout = text(&out.stdout);
     assert!(
-        stdout.starts_with("not ready: 3 of 4 gates unmet"),
+        stdout.starts_with("not ready: 4 of 5 gates unmet"),
         "{stdout}"
     );
     assert!(stdout.contains("snapshot"), "{stdout}");

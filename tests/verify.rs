@@ -128,3 +128,136 @@ async fn verify_reports_exactly_the_corrupted_keys() {
         "{text}"
     );
 }
+
+/// With the daemon streaming under a continuous write load, `cutover verify` asks it for
+/// passes anchored at a source LSN: equal, pass after pass, with the LSN in the report;
+/// continuous passes fill `last_verification`, `GET /v1/verify/latest` and the `verified`
+/// gate; a row corrupted on the target behind the daemon's back is reported alone, as real.
+#[tokio::test(flavor = "multi_thread")]
+async fn anchored_passes_under_write_load() {
+    let (src, dst) = tokio::join!(cluster("anchor-src"), cluster("anchor-dst"));
+    let schema = "CREATE TABLE public.hot (id int PRIMARY KEY, n bigint, note text);
+                  CREATE TABLE public.cold (id int PRIMARY KEY, v text);";
+    for c in [&src, &dst] {
+        c.create_database("db").await.unwrap();
+        c.execute("db", schema).await.unwrap();
+    }
+    src.execute(
+        "db",
+        "INSERT INTO hot SELECT g, 0, 'h' || g FROM generate_series(1, 2000) g;
+         INSERT INTO cold SELECT g, 'c' || g FROM generate_series(1, 5000) g;",
+    )
+    .await
+    .unwrap();
+    let job = Job::write(
+        "anchor",
+        &src.url("db"),
+        &dst.url("db"),
+        "[verify]\nevery = \"2s\"\n",
+    );
+    let mut daemon = Daemon::start(&job);
+    daemon
+        .wait_phase("streaming", Duration::from_secs(60))
+        .await;
+    let s = src.connect("db").await.unwrap();
+    let d = dst.connect("db").await.unwrap();
+
+    // A writer that changes hot rows and inserts new ones all the time.
+    let writer = src.connect("db").await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_w = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut i: i64 = 0;
+        while !stop_w.load(std::sync::atomic::Ordering::Relaxed) {
+            i += 1;
+            writer
+                .batch_execute(&format!(
+                    "BEGIN; UPDATE hot SET n = n + 1 WHERE id % 50 = {}; INSERT INTO hot VALUES ({}, {i}, 'new'); COMMIT;",
+                    i % 50,
+                    100_000 + i
+                ))
+                .await
+                .unwrap();
+        }
+        i
+    });
+
+    for _ in 0..3 {
+        let (code, doc) = run_json(&["verify", job.path.to_str().unwrap()]);
+        assert_eq!(
+            code,
+            Some(0),
+            "an anchored pass under load: {doc:#}\n{}",
+            daemon.output()
+        );
+        assert!(doc["lsn"].is_string(), "{doc}");
+        assert_eq!(doc["equal"], true);
+    }
+
+    // Continuous passes publish their summary and their report.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let st = daemon.status().await.unwrap_or_default();
+        if st["last_verification"]["tables_equal"] == true {
+            assert!(st["last_verification"]["lsn"].is_string(), "{st}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no pass in 60s: {st}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (code, body) = daemon.get("/v1/verify/latest").await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    let latest: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(latest["equal"], true, "{latest}");
+    let (_, ready) = run_json(&["ready", "--api", &job.api()]);
+    assert!(
+        !ready["unmet"].to_string().contains("\"verified\""),
+        "a clean recent pass meets the verified gate: {ready}"
+    );
+
+    // Behind the daemon's back: one cold row (the writer never touches it).
+    d.batch_execute(
+        "SET session_replication_role = replica; UPDATE cold SET v = 'tampered' WHERE id = 42",
+    )
+    .await
+    .unwrap();
+    let (code, doc) = run_json(&["verify", job.path.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{doc:#}");
+    let cold = table(&doc, "public.cold");
+    assert_eq!(cold["differences_total"], 1, "{cold}");
+    assert_eq!(cold["differences"][0]["key"]["id"], "42");
+    assert_eq!(cold["differences"][0]["columns"][0], "v");
+    assert_eq!(table(&doc, "public.hot")["differences_total"], 0, "{doc:#}");
+    // The gate goes unmet with the next continuous pass.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, ready) = run_json(&["ready", "--api", &job.api()]);
+        if ready["unmet"].to_string().contains("differences") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "verified gate still met: {ready}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = task.await.unwrap();
+    assert!(writes > 50, "the writer wrote during the passes: {writes}");
+    d.batch_execute(
+        "SET session_replication_role = replica; UPDATE cold SET v = 'c42' WHERE id = 42",
+    )
+    .await
+    .unwrap();
+    wait_equal(
+        &s,
+        &d,
+        "public.hot",
+        "public.hot",
+        Duration::from_secs(60),
+        Some(&daemon),
+    )
+    .await;
+    assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
+}

@@ -48,6 +48,8 @@ const DEFAULT_SOURCE_TABLES: &str = "public.*";
 const DEFAULT_PARALLELISM: usize = 4;
 const MAX_PARALLELISM: i64 = 64;
 const DEFAULT_VERIFY_EVERY: Duration = Duration::from_secs(10 * 60);
+/// Source rows a continuous pass reads per second at most.
+const DEFAULT_VERIFY_ROWS_PER_SECOND: u64 = 200_000;
 /// How long creating the slot may wait for open transactions on the source.
 const DEFAULT_SLOT_WAIT: Duration = Duration::from_secs(60);
 const DEFAULT_MAX_LAG: Duration = Duration::from_secs(5);
@@ -81,7 +83,7 @@ const KEYS: &[(&str, &[&str])] = &[
     ),
     ("table", &["source", "target", "columns", "where"]),
     ("snapshot", &["mode", "parallelism", "slot_wait"]),
-    ("verify", &["every"]),
+    ("verify", &["every", "max_rows_per_second"]),
     ("ready", &["max_lag", "max_verify_age"]),
     ("changelog", &["dir"]),
     ("api", &["listen", "token_env"]),
@@ -143,6 +145,7 @@ struct RawSnapshot {
 #[serde(deny_unknown_fields)]
 struct RawVerify {
     every: Option<Value>,
+    max_rows_per_second: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -569,6 +572,28 @@ impl Ctx<'_> {
                 "[verify] every",
                 DEFAULT_VERIFY_EVERY,
             )?,
+            max_rows_per_second: match raw
+                .verify
+                .as_ref()
+                .and_then(|v| v.get_ref().max_rows_per_second.as_ref())
+            {
+                None => DEFAULT_VERIFY_ROWS_PER_SECOND,
+                Some(v) => match v.get_ref() {
+                    toml::Value::Integer(n) if *n >= 0 => u64::try_from(*n).unwrap_or(0),
+                    other => {
+                        return Err(self.err(
+                            &v.span(),
+                            format!(
+                                "[verify] max_rows_per_second must be a whole number (0: no limit), not {}",
+                                describe(other)
+                            ),
+                            Some(format!(
+                                "write max_rows_per_second = {DEFAULT_VERIFY_ROWS_PER_SECOND}"
+                            )),
+                        ));
+                    }
+                },
+            },
         };
         let ready_raw = raw.ready.as_ref().map(Spanned::get_ref);
         let ready = ReadySpec {

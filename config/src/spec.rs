@@ -136,6 +136,9 @@ pub struct SnapshotSpec {
 pub struct VerifySpec {
     /// Full passes every this long; zero turns them off. Default 10m.
     pub every: Duration,
+    /// Source rows a continuous pass reads per second at most (0: no limit), so that
+    /// verification never starves the source or the apply. Default 200000.
+    pub max_rows_per_second: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]

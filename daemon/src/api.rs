@@ -1,4 +1,6 @@
-//! The daemon's HTTP API: `GET /v1/status`, `GET /v1/ready`, `GET /metrics`, `GET /healthz`.
+//! The daemon's HTTP API: `GET /v1/status`, `GET /v1/ready`, `GET /metrics`, `GET /healthz`,
+//! and verification: `GET /v1/verify/latest` (the last pass's report) and `POST /v1/verify`
+//! (run an anchored pass now and answer with its report; what `cutover verify` uses).
 //!
 //! Why HTTP and not a socket protocol: cutover scripts, load balancers, Kubernetes
 //! probes and Prometheus all speak it already. The API is read-only; it serves what the
@@ -35,6 +37,10 @@ pub const READY_PATH: &str = "/v1/ready";
 pub const METRICS_PATH: &str = "/metrics";
 /// Path of the liveness probe (never needs a token).
 pub const HEALTHZ_PATH: &str = "/healthz";
+/// `POST`: run a verification pass now; answers with its report.
+pub const VERIFY_PATH: &str = "/v1/verify";
+/// The report of the last verification pass.
+pub const VERIFY_LATEST_PATH: &str = "/v1/verify/latest";
 
 /// What the API serves.
 #[derive(Clone)]
@@ -48,6 +54,8 @@ pub struct ApiState {
     /// The bearer token every endpoint but `/healthz` requires, if any. An empty token
     /// admits nobody (fail closed).
     pub token: Option<Secret>,
+    /// The job's verifier (`None` in tests that serve only a status).
+    pub verifier: Option<crate::verifier::VerifierHandle>,
 }
 
 /// An error answer: `{"error": ..., "hint": ...}`.
@@ -72,6 +80,8 @@ pub fn router(state: ApiState) -> Router {
         .route(STATUS_PATH, get(status))
         .route(READY_PATH, get(ready))
         .route(METRICS_PATH, get(metrics))
+        .route(VERIFY_PATH, axum::routing::post(verify_now))
+        .route(VERIFY_LATEST_PATH, get(verify_latest))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .merge(protected)
@@ -130,6 +140,39 @@ async fn metrics(State(state): State<Arc<ApiState>>) -> Response {
         .into_response()
 }
 
+async fn verify_now(State(state): State<Arc<ApiState>>) -> Response {
+    let Some(verifier) = &state.verifier else {
+        return error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this server has no verifier".into(),
+            "run cutover run JOB.toml",
+        );
+    };
+    match verifier.pass_now().await {
+        Ok(report) => Json(report).into_response(),
+        Err(e) => error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("could not verify: {e}"),
+            "see cutover status: the job must be streaming",
+        ),
+    }
+}
+
+async fn verify_latest(State(state): State<Arc<ApiState>>) -> Response {
+    let latest = match &state.verifier {
+        Some(v) => v.latest().await,
+        None => None,
+    };
+    match latest {
+        Some(report) => Json(report).into_response(),
+        None => error_response(
+            StatusCode::NOT_FOUND,
+            "no verification pass has finished yet".into(),
+            "passes run every [verify] every once the job streams; POST /v1/verify (cutover verify) runs one now",
+        ),
+    }
+}
+
 async fn healthz() -> &'static str {
     "ok\n"
 }
@@ -138,7 +181,7 @@ async fn not_found(uri: Uri) -> Response {
     error_response(
         StatusCode::NOT_FOUND,
         format!("no such endpoint: {}", uri.path()),
-        "the API serves GET /v1/status, /v1/ready, /metrics and /healthz",
+        "the API serves GET /v1/status, /v1/ready, /v1/verify/latest, /metrics and /healthz, and POST /v1/verify",
     )
 }
 

@@ -222,7 +222,7 @@ pub async fn http_get(
     path: &str,
     token: Option<&Secret>,
 ) -> Result<HttpResponse, ClientError> {
-    match tokio::time::timeout(REQUEST_TIMEOUT, exchange(addr, path, token)).await {
+    match tokio::time::timeout(REQUEST_TIMEOUT, exchange(addr, "GET", path, token)).await {
         Ok(result) => result,
         Err(_) => Err(ClientError::unreachable(format!(
             "the cutover API at {addr} did not answer within {}; hint: {HINT_RUNNING}",
@@ -233,6 +233,7 @@ pub async fn http_get(
 
 async fn exchange(
     addr: &str,
+    method: &str,
     path: &str,
     token: Option<&Secret>,
 ) -> Result<HttpResponse, ClientError> {
@@ -257,8 +258,8 @@ async fn exchange(
         }
     };
     let mut request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: cutover/{}\r\n\
-         Accept: application/json\r\nConnection: close\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: cutover/{}\r\n\
+         Accept: application/json\r\nContent-Length: 0\r\nConnection: close\r\n",
         env!("CARGO_PKG_VERSION")
     );
     if let Some(token) = token {
@@ -467,6 +468,44 @@ async fn get_json(
 }
 
 /// `GET /v1/status`: the status document.
+/// `POST /v1/verify`: the daemon runs an anchored pass and answers with its report (this
+/// waits for the whole pass). `Ok(None)`: the daemon answered but could not verify (the
+/// message says why).
+pub async fn request_verify(endpoint: &Endpoint) -> Result<Result<Value, String>, ClientError> {
+    let addr = &endpoint.addr;
+    let response = exchange(
+        addr,
+        "POST",
+        crate::api::VERIFY_PATH,
+        endpoint.token.as_ref(),
+    )
+    .await?;
+    let parsed: Value = serde_json::from_slice(&response.body).map_err(|_| {
+        ClientError::protocol(format!(
+            "the answer from {addr} to POST {} is not JSON; hint: is {addr} the cutover API?",
+            crate::api::VERIFY_PATH
+        ))
+    })?;
+    match response.status {
+        200 => Ok(Ok(parsed)),
+        401 => Err(ClientError {
+            kind: ClientErrorKind::Unauthorized,
+            message: format!(
+                "the cutover API at {addr} refused the request: {}; hint: set {} to the daemon's token",
+                parsed["error"].as_str().unwrap_or("unauthorized"),
+                endpoint.token_source
+            ),
+        }),
+        _ => Ok(Err(format!(
+            "{}; hint: {}",
+            parsed["error"]
+                .as_str()
+                .unwrap_or("the daemon could not verify"),
+            parsed["hint"].as_str().unwrap_or("see cutover status")
+        ))),
+    }
+}
+
 pub async fn fetch_status(endpoint: &Endpoint) -> Result<Value, ClientError> {
     get_json(endpoint, STATUS_PATH, &[200])
         .await

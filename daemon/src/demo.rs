@@ -166,17 +166,24 @@ async fn demo(args: &DemoArgs, ui: &Ui) -> anyhow::Result<Finished> {
     let source = spec.source.conn.resolve().map_err(|e| anyhow!("{e}"))?;
     let target = spec.target.conn.resolve().map_err(|e| anyhow!("{e}"))?;
     let status = StatusHandle::new(JobStatus::new(&spec.name));
-    let ready_config = ReadyConfig { max_lag: MAX_LAG };
-    let api = start_api(&status, &ready_config).await;
-    let writer = Writer::start(&clusters.source, orders).await?;
+    let ready_config = ReadyConfig {
+        max_lag: MAX_LAG,
+        max_verify_age: spec.ready.max_verify_age,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (barrier_tx, barrier_rx) = tokio::sync::mpsc::channel(4);
     let ctx = JobContext {
         spec: Arc::new(spec),
         source,
         target,
         status: status.clone(),
         shutdown: stop_rx,
+        barriers: Arc::new(tokio::sync::Mutex::new(barrier_rx)),
     };
+    // Passes anchored at a source LSN, while the writer writes: the `verified` gate.
+    let verifier = crate::verifier::spawn(ctx.clone(), barrier_tx);
+    let api = start_api(&status, &ready_config, verifier).await;
+    let writer = Writer::start(&clusters.source, orders).await?;
     let mut job = Job {
         stop: stop_tx,
         task: Task(tokio::spawn(job::run(ctx))),
@@ -676,6 +683,7 @@ impl Job {
 async fn start_api(
     status: &StatusHandle,
     ready_config: &ReadyConfig,
+    verifier: crate::verifier::VerifierHandle,
 ) -> Option<(std::net::SocketAddr, Task<std::io::Result<()>>)> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await.ok()?;
     let addr = listener.local_addr().ok()?;
@@ -684,6 +692,7 @@ async fn start_api(
         ready_config: ready_config.clone(),
         prometheus: crate::metrics::install(),
         token: None,
+        verifier: Some(verifier),
     };
     let task = tokio::spawn(api::serve(listener, state, std::future::pending()));
     Some((addr, Task(task)))

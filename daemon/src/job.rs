@@ -34,6 +34,7 @@ use cutover_connectors::{Lsn, TableName, pg_conn};
 use futures_util::FutureExt;
 use tokio::sync::watch;
 
+use crate::anchor::{BarrierReceiver, BarrierReply, BarrierRequest, PauseRequest};
 use crate::status::{Phase, StatusHandle, TableStatus};
 
 /// Everything a job needs that is not in its spec.
@@ -45,6 +46,9 @@ pub struct JobContext {
     pub status: StatusHandle,
     /// Becomes `true` when the job must stop (SIGINT, SIGTERM).
     pub shutdown: watch::Receiver<bool>,
+    /// Requests from the verifier to hold the apply at an LSN (see [`crate::anchor`]); the
+    /// stream that runs serves them.
+    pub barriers: Arc<tokio::sync::Mutex<BarrierReceiver>>,
 }
 
 impl JobContext {
@@ -752,6 +756,10 @@ struct Streaming<'a> {
     confirmed: Lsn,
     /// What earlier attempts of this run applied (counters cover the whole run).
     base: (u64, u64),
+    /// A verifier waiting for the apply to hold at an LSN.
+    barrier: Option<BarrierRequest>,
+    /// A verifier asking the apply to pause at the next transaction boundary.
+    pause: Option<PauseRequest>,
 }
 
 impl Streaming<'_> {
@@ -767,9 +775,78 @@ impl Streaming<'_> {
         publish_applied(self.ctx, &self.applier, self.base, applied);
     }
 
+    /// A verifier asks for a pause: taken at once between transactions, else at the next
+    /// boundary.
+    async fn pause_requested(&mut self, req: PauseRequest) -> Result<()> {
+        self.pause = Some(req);
+        if !self.applier.in_transaction() {
+            self.maybe_pause().await?;
+        }
+        Ok(())
+    }
+
+    /// Pause if asked (between transactions only): commit what is taken, say so, and wait
+    /// (at most [`crate::anchor::MAX_PAUSE`]) for the barrier the verifier sends.
+    async fn maybe_pause(&mut self) -> Result<()> {
+        let Some(req) = self.pause.take() else {
+            return Ok(());
+        };
+        if let Some(p) = self.applier.flush().await? {
+            self.confirm(p.end_lsn);
+        }
+        let _ = req.paused.send(());
+        if let Ok(Ok(barrier)) = tokio::time::timeout(crate::anchor::MAX_PAUSE, req.barrier).await {
+            self.barrier_requested(barrier);
+        }
+        Ok(())
+    }
+
+    /// A verifier asks to hold at `req.lsn`: answered at once when the apply is past it,
+    /// else when the stream reaches it.
+    fn barrier_requested(&mut self, req: BarrierRequest) {
+        if self.applier.last_seen_commit() >= req.lsn {
+            let _ = req.reply.send(BarrierReply::Passed);
+        } else if let Some(old) = self.barrier.replace(req) {
+            let _ = old.reply.send(BarrierReply::Passed);
+        }
+    }
+
+    /// Serve a waiting barrier if the apply has reached it: `next_commit` is the commit LSN
+    /// of the next source transaction (`None`: nothing in flight up to `wal_end`).
+    async fn maybe_hold(&mut self, next_commit: Option<Lsn>, wal_end: Lsn) -> Result<()> {
+        let Some(lsn) = self.barrier.as_ref().map(|b| b.lsn) else {
+            return Ok(());
+        };
+        let reached = match next_commit {
+            Some(next) => next >= lsn,
+            None => wal_end >= lsn,
+        };
+        if !reached || self.applier.in_transaction() {
+            return Ok(());
+        }
+        // Everything before the anchor is in the open group (or committed): commit it, take
+        // the target's snapshot, and only then go on.
+        if let Some(p) = self.applier.flush().await? {
+            self.confirm(p.end_lsn);
+        }
+        let Some(req) = self.barrier.take() else {
+            return Ok(());
+        };
+        let reply = match crate::anchor::hold_snapshot(&req.client).await {
+            Ok(()) => BarrierReply::Held(req.client),
+            Err(e) => BarrierReply::Failed(e),
+        };
+        let _ = req.reply.send(reply);
+        Ok(())
+    }
+
     async fn event(&mut self, event: StreamEvent) -> Result<()> {
         match event {
-            StreamEvent::Begin(b) => self.applier.begin(&b)?,
+            StreamEvent::Begin(b) => {
+                self.maybe_pause().await?;
+                self.maybe_hold(Some(b.final_lsn), Lsn::ZERO).await?;
+                self.applier.begin(&b)?
+            }
             StreamEvent::Commit(c) => {
                 if let Some(p) = self.applier.commit(&c).await? {
                     self.confirm(p.end_lsn);
@@ -801,6 +878,7 @@ impl Streaming<'_> {
                 }
             },
             StreamEvent::KeepAlive { wal_end } => {
+                self.maybe_hold(None, wal_end).await?;
                 // Nothing in flight: everything the server sent up to wal_end is applied,
                 // so the slot may move there and release WAL (hard case 11).
                 if !self.applier.in_transaction()
@@ -940,7 +1018,10 @@ async fn stream(
         stream,
         confirmed: start,
         base,
+        barrier: None,
+        pause: None,
     };
+    let mut barriers = ctx.barriers.lock().await;
     ctx.status.update(|s| {
         s.phase = Phase::Streaming;
         s.applied_lsn = Some(progress.end_lsn.to_string());
@@ -952,7 +1033,17 @@ async fn stream(
     // Steps mapped but not applied yet: the next batch is evaluated on the source while
     // these are applied on the target.
     let mut ready: Vec<Step> = Vec::new();
+    // A verifier's pause request, taken between transactions.
+    let mut incoming: Option<PauseRequest> = None;
     loop {
+        if let Some(req) = incoming.take() {
+            if ready.is_empty() {
+                st.pause_requested(req).await?;
+            } else {
+                // Taken at the next boundary, after the mapped steps.
+                st.pause = Some(req);
+            }
+        }
         if (stopping || stop_deadline.is_some()) && !ready.is_empty() {
             st.steps(std::mem::take(&mut ready)).await?;
         }
@@ -985,6 +1076,10 @@ async fn stream(
             _ = shutdown.wait_for(|s| *s), if !stopping => {
                 stopping = true;
                 stop_deadline = Some(tokio::time::Instant::now() + Duration::from_secs(30));
+                continue;
+            }
+            Some(req) = barriers.recv() => {
+                incoming = Some(req);
                 continue;
             }
             ev = tokio::time::timeout(wait, st.stream.next()) => ev,

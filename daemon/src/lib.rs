@@ -1,5 +1,6 @@
 //! The `cutover` daemon: CLI, supervisor, HTTP API.
 
+pub mod anchor;
 pub mod api;
 pub mod api_client;
 pub mod check;
@@ -14,4 +15,5 @@ pub mod ready;
 pub mod run;
 pub mod status;
 pub mod teardown;
+pub mod verifier;
 pub mod verify;

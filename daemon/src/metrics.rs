@@ -40,15 +40,29 @@ pub const SOURCE_RECONNECTS_TOTAL: &str = "cutover_source_reconnects_total";
 /// Counter: reconnections to the target after a lost connection.
 pub const TARGET_RECONNECTS_TOTAL: &str = "cutover_target_reconnects_total";
 
+/// Counter: rows compared by verification passes.
+pub const VERIFY_ROWS_TOTAL: &str = "cutover_verify_rows_total";
+/// Counter: differences found by verification passes.
+pub const VERIFY_DIFFERENCES_TOTAL: &str = "cutover_verify_differences_total";
+/// Counter: verification passes finished.
+pub const VERIFY_PASSES_TOTAL: &str = "cutover_verify_passes_total";
+/// Histogram: duration of one verification pass, in seconds.
+pub const VERIFY_PASS_DURATION_SECONDS: &str = "cutover_verify_pass_duration_seconds";
+/// Gauge: changed keys waiting to be verified again.
+pub const VERIFY_REVERIFY_QUEUE: &str = "cutover_verify_reverify_queue";
+
 /// Every counter, so [`install`] can register them at zero (absent and zero differ in
 /// PromQL: `rate()` over a counter that appears late misses its first increments).
-pub const COUNTERS: [&str; 6] = [
+pub const COUNTERS: [&str; 9] = [
     APPLIED_TRANSACTIONS_TOTAL,
     APPLIED_ROWS_TOTAL,
     SNAPSHOT_ROWS_TOTAL,
     SNAPSHOT_BYTES_TOTAL,
     SOURCE_RECONNECTS_TOTAL,
     TARGET_RECONNECTS_TOTAL,
+    VERIFY_ROWS_TOTAL,
+    VERIFY_DIFFERENCES_TOTAL,
+    VERIFY_PASSES_TOTAL,
 ];
 
 /// Buckets of [`APPLY_BATCH_DURATION_SECONDS`]: 1ms to 30s.
@@ -60,6 +74,31 @@ static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
 /// Registers the help text and unit of every metric with the installed recorder.
 pub fn describe_all() {
+    describe_counter!(
+        VERIFY_ROWS_TOTAL,
+        Unit::Count,
+        "Rows compared by verification passes."
+    );
+    describe_counter!(
+        VERIFY_DIFFERENCES_TOTAL,
+        Unit::Count,
+        "Differences found by verification passes."
+    );
+    describe_counter!(
+        VERIFY_PASSES_TOTAL,
+        Unit::Count,
+        "Verification passes finished."
+    );
+    describe_histogram!(
+        VERIFY_PASS_DURATION_SECONDS,
+        Unit::Seconds,
+        "Duration of one verification pass."
+    );
+    describe_gauge!(
+        VERIFY_REVERIFY_QUEUE,
+        Unit::Count,
+        "Changed keys waiting to be verified again."
+    );
     describe_gauge!(
         LAG_BYTES,
         Unit::Bytes,

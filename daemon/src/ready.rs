@@ -9,7 +9,8 @@
 //! [`evaluate`] is a pure function of the status document and the `[ready]` settings, so
 //! the daemon, the API and the tests agree on the answer.
 //!
-//! Gates so far: [`GATE_STREAMING`], [`GATE_SNAPSHOT`], [`GATE_TABLES`], [`GATE_LAG`].
+//! Gates so far: [`GATE_STREAMING`], [`GATE_SNAPSHOT`], [`GATE_TABLES`], [`GATE_LAG`],
+//! [`GATE_VERIFIED`].
 
 use std::time::Duration;
 
@@ -27,6 +28,9 @@ pub const GATE_SNAPSHOT: &str = "snapshot";
 pub const GATE_LAG: &str = "lag";
 /// No table's apply is paused waiting for an operator.
 pub const GATE_TABLES: &str = "tables";
+/// The last verification pass, anchored at a source LSN, found no difference and is
+/// younger than `[ready] max_verify_age`.
+pub const GATE_VERIFIED: &str = "verified";
 
 /// At most this many table names are listed in the snapshot gate's detail.
 const MAX_TABLES_NAMED: usize = 5;
@@ -36,12 +40,15 @@ const MAX_TABLES_NAMED: usize = 5;
 pub struct ReadyConfig {
     /// The largest acceptable lag (`[ready] max_lag`, default 5s).
     pub max_lag: Duration,
+    /// The oldest acceptable clean verification pass (`[ready] max_verify_age`, default 30m).
+    pub max_verify_age: Duration,
 }
 
 impl Default for ReadyConfig {
     fn default() -> Self {
         Self {
             max_lag: Duration::from_secs(5),
+            max_verify_age: Duration::from_secs(30 * 60),
         }
     }
 }
@@ -50,6 +57,7 @@ impl From<&ReadySpec> for ReadyConfig {
     fn from(spec: &ReadySpec) -> Self {
         Self {
             max_lag: spec.max_lag,
+            max_verify_age: spec.max_verify_age,
         }
     }
 }
@@ -78,11 +86,12 @@ pub struct Readiness {
 
 /// Evaluates every gate against a status document.
 pub fn evaluate(status: &JobStatus, cfg: &ReadyConfig) -> Readiness {
-    let gates: [(&str, Option<String>); 4] = [
+    let gates: [(&str, Option<String>); 5] = [
         (GATE_STREAMING, streaming_gate(status)),
         (GATE_SNAPSHOT, snapshot_gate(status)),
         (GATE_TABLES, tables_gate(status)),
         (GATE_LAG, lag_gate(status, cfg)),
+        (GATE_VERIFIED, verified_gate(status, cfg)),
     ];
     let checked = gates.iter().map(|(name, _)| name.to_string()).collect();
     let unmet: Vec<Gate> = gates
@@ -169,6 +178,34 @@ fn tables_gate(status: &JobStatus) -> Option<String> {
     }
 }
 
+fn verified_gate(status: &JobStatus, cfg: &ReadyConfig) -> Option<String> {
+    let Some(v) = &status.last_verification else {
+        return Some(
+            "no verification pass has finished yet (passes run every [verify] every; cutover verify runs one now)"
+                .to_string(),
+        );
+    };
+    let at = v.lsn.as_deref().unwrap_or("an unanchored position");
+    if !v.tables_equal {
+        return Some(format!(
+            "the last verification pass (at {at}, finished {}) found {} differences; see GET /v1/verify/latest",
+            v.finished_at, v.differences
+        ));
+    }
+    let age = v
+        .finished
+        .and_then(|f| f.elapsed().ok())
+        .unwrap_or(Duration::MAX);
+    if age > cfg.max_verify_age {
+        return Some(format!(
+            "the last clean verification pass finished at {}, more than {} ago ([ready] max_verify_age)",
+            v.finished_at,
+            format_duration(cfg.max_verify_age)
+        ));
+    }
+    None
+}
+
 fn lag_gate(status: &JobStatus, cfg: &ReadyConfig) -> Option<String> {
     let limit = format_duration(cfg.max_lag);
     let seconds = status.lag_seconds.filter(|s| s.is_finite());
@@ -202,7 +239,7 @@ pub fn format_seconds(secs: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::status::TableStatus;
+    use crate::status::{TableStatus, VerificationSummary};
 
     fn table(name: &str, done: bool) -> TableStatus {
         TableStatus {
@@ -222,7 +259,46 @@ mod tests {
         status.tables = vec![table("orders", true), table("items", true)];
         status.lag_bytes = Some(0);
         status.lag_seconds = Some(0.2);
+        status.last_verification = Some(clean_pass(Duration::from_secs(60)));
         status
+    }
+
+    fn clean_pass(age: Duration) -> VerificationSummary {
+        VerificationSummary {
+            finished_at: "2026-01-01T00:00:00Z".into(),
+            lsn: Some("0/1000".into()),
+            tables_equal: true,
+            differences: 0,
+            finished: Some(std::time::SystemTime::now() - age),
+        }
+    }
+
+    #[test]
+    fn verified_gate_needs_a_fresh_clean_pass() {
+        let cfg = ReadyConfig::default();
+        let mut status = ready_status();
+        status.last_verification = None;
+        let r = evaluate(&status, &cfg);
+        assert!(
+            unmet(&r, "verified")
+                .unwrap()
+                .contains("no verification pass")
+        );
+        status.last_verification = Some(clean_pass(Duration::from_secs(31 * 60)));
+        let r = evaluate(&status, &cfg);
+        assert!(unmet(&r, "verified").unwrap().contains("max_verify_age"));
+        let mut dirty = clean_pass(Duration::from_secs(1));
+        dirty.tables_equal = false;
+        dirty.differences = 3;
+        status.last_verification = Some(dirty);
+        let r = evaluate(&status, &cfg);
+        let detail = unmet(&r, "verified").unwrap();
+        assert!(
+            detail.contains("found 3 differences") && detail.contains("0/1000"),
+            "{detail}"
+        );
+        status.last_verification = Some(clean_pass(Duration::from_secs(1)));
+        assert!(evaluate(&status, &cfg).ready);
     }
 
     fn unmet<'a>(r: &'a Readiness, gate: &str) -> Option<&'a str> {
@@ -237,7 +313,10 @@ mod tests {
         let r = evaluate(&ready_status(), &ReadyConfig::default());
         assert!(r.ready, "{r:?}");
         assert!(r.unmet.is_empty());
-        assert_eq!(r.checked, ["streaming", "snapshot", "tables", "lag"]);
+        assert_eq!(
+            r.checked,
+            ["streaming", "snapshot", "tables", "lag", "verified"]
+        );
         assert_eq!(r.job, "shop");
     }
 
@@ -297,9 +376,7 @@ mod tests {
 
     #[test]
     fn lag_gate_needs_known_lag_within_the_limit() {
-        let cfg = ReadyConfig {
-            max_lag: Duration::from_secs(5),
-        };
+        let cfg = ReadyConfig::default();
         let mut s = ready_status();
         s.lag_bytes = None;
         s.lag_seconds = None;

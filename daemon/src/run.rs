@@ -41,25 +41,30 @@ pub async fn run_job(path: &Path) -> anyhow::Result<Outcome> {
             spec.api.listen
         )
     })?;
+    let (barrier_tx, barrier_rx) = tokio::sync::mpsc::channel(4);
+    let spec = Arc::new(spec);
+    let ctx = JobContext {
+        spec: spec.clone(),
+        source,
+        target,
+        status: status.clone(),
+        shutdown: stop_rx.clone(),
+        barriers: Arc::new(tokio::sync::Mutex::new(barrier_rx)),
+    };
+    let verifier = crate::verifier::spawn(ctx.clone(), barrier_tx);
     let state = ApiState {
         status: status.clone(),
         ready_config: ReadyConfig::from(&spec.ready),
         prometheus,
         token,
+        verifier: Some(verifier),
     };
     let mut api_stop = stop_rx.clone();
     let api = tokio::spawn(api::serve(listener, state, async move {
         let _ = api_stop.wait_for(|s| *s).await;
     }));
 
-    let progress = crate::progress::spawn(status.clone());
-    let ctx = JobContext {
-        spec: Arc::new(spec),
-        source,
-        target,
-        status,
-        shutdown: stop_rx,
-    };
+    let progress = crate::progress::spawn(status);
     let result = job::run(ctx).await;
     if let Some(p) = progress {
         p.abort();

@@ -40,13 +40,18 @@ pub struct TableStatus {
     pub notes: Vec<String>,
 }
 
-/// The last verification pass (issue 5 fills it; `null` until then).
+/// The last verification pass (`null` until one finished).
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct VerificationSummary {
     pub finished_at: String,
+    /// The source position compared at (the first anchor of the pass).
     pub lsn: Option<String>,
+    /// Every table compared equal.
     pub tables_equal: bool,
     pub differences: u64,
+    /// When it finished, for the readiness gate (not in the document: `finished_at` is).
+    #[serde(skip)]
+    pub finished: Option<std::time::SystemTime>,
 }
 
 /// The whole status document.

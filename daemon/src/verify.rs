@@ -1,16 +1,18 @@
-//! `cutover verify JOB.toml`: compare every mapped table, source against target, row by row.
+//! Comparing every mapped table, source against target, row by row.
 //!
-//! This first version compares the two databases as they stand (no LSN anchor): run it on a
-//! quiet source, or after the job has caught up and writes have stopped; rows changed while
-//! it reads can show up as differences. Each side is read with `COPY (SELECT ... ORDER BY
-//! key) TO STDOUT` under the pinned session settings, the rows are parsed as they arrive and
-//! fed through bounded channels to the verifier on a blocking thread, which hashes chunks of
-//! the key-ordered streams and narrows only the chunks that differ down to rows.
+//! `cutover verify JOB.toml` asks the job's daemon, when it runs, for an anchored pass
+//! (`POST /v1/verify`, see [`crate::verifier`]): both sides read as of one source LSN
+//! ([`crate::anchor`]), so rows in flight are not differences. Without a daemon it compares
+//! the two databases as they stand. Each side is read with `COPY (SELECT ... ORDER BY key)
+//! TO STDOUT` under the pinned session settings (the source side through the job's
+//! mapping), the rows are parsed as they arrive and fed through bounded channels to the
+//! verifier on a blocking thread, which hashes chunks of the key-ordered streams and
+//! narrows only the chunks that differ down to rows.
 
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use cutover_config::{ConnParams, JobSpec};
+use cutover_config::JobSpec;
 use cutover_connectors::pg_apply::TablePlan;
 use cutover_connectors::{pg_conn, quote_ident};
 use cutover_verifier::canonical::table_domain;
@@ -25,6 +27,27 @@ use crate::cli::{Outcome, VerifyArgs};
 
 pub async fn verify(args: &VerifyArgs) -> anyhow::Result<Outcome> {
     let spec = JobSpec::load(&args.job)?;
+    // The job's daemon, when it runs, compares both sides as of one source LSN.
+    let endpoint = crate::api_client::Endpoint::from_args(&crate::cli::ApiArgs {
+        api: None,
+        config: Some(args.job.clone()),
+    })?;
+    match crate::api_client::request_verify(&endpoint).await {
+        Ok(Ok(doc)) => {
+            let mut report: VerifyReport = serde_json::from_value(doc)
+                .context("the daemon's verification report is not what this version reads")?;
+            if !args.tables.is_empty() {
+                report.tables.retain(|t| args.tables.contains(&t.source));
+                report = VerifyReport::new(report.lsn, report.tables);
+            }
+            return finish(&report, args.json);
+        }
+        Ok(Err(why)) => anyhow::bail!("the job's daemon could not verify: {why}"),
+        Err(e) if e.kind == crate::api_client::ClientErrorKind::Unreachable => {
+            tracing::debug!("no daemon for the job ({e}); comparing the databases as they stand");
+        }
+        Err(e) => anyhow::bail!("{e}"),
+    }
     let source_params = spec.source.conn.resolve()?;
     let target_params = spec.target.conn.resolve()?;
     let app = format!("cutover/{}/verify", spec.name);
@@ -67,13 +90,23 @@ pub async fn verify(args: &VerifyArgs) -> anyhow::Result<Outcome> {
     };
     let mut tables = Vec::new();
     for plan in &plans {
-        tables.push(verify_table(&source_params, &target_params, &app, plan).await?);
+        let (s, t) = tokio::try_join!(
+            pg_conn::connect(&source_params, &app),
+            pg_conn::connect(&target_params, &app)
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        tables.push(compare_table(Arc::new(s), Arc::new(t), plan, None).await?);
     }
     let report = VerifyReport::new(None, tables);
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    finish(&report, args.json)
+}
+
+/// Print the report; exit 0 equal, 1 differences.
+fn finish(report: &VerifyReport, json: bool) -> anyhow::Result<Outcome> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(report)?);
     } else {
-        print_report(&report);
+        print_report(report);
     }
     Ok(if report.equal {
         Outcome::Success
@@ -99,14 +132,22 @@ fn print_report(report: &VerifyReport) {
             );
         }
     }
-    println!(
-        "{} (compared as the databases stand, not anchored at an LSN)",
-        if report.equal {
-            "source and target are equal"
-        } else {
-            "source and target differ"
-        }
-    );
+    let verdict = if report.equal {
+        "source and target are equal"
+    } else {
+        "source and target differ"
+    };
+    match &report.lsn {
+        Some(lsn) => println!(
+            "{verdict} at source LSN {lsn} (both sides read as of that position by the job's daemon{})",
+            if report.equal {
+                ""
+            } else {
+                ": the differences are real"
+            }
+        ),
+        None => println!("{verdict} (compared as the databases stand, not anchored at an LSN)"),
+    }
 }
 
 /// How one side's rows are read and ordered.
@@ -175,28 +216,55 @@ fn side_query(plan: &TablePlan, side_source: bool) -> SideQuery {
 /// Rows of one side, handed to the comparison thread in batches.
 type Batch = Result<Vec<Row>, String>;
 
-/// Read one side into a bounded channel of parsed row batches, on its own connection.
+/// A cap on rows read per second, shared by the readers of a pass.
+pub struct Throttle {
+    rows_per_second: u64,
+    started: std::time::Instant,
+    rows: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    pub fn new(rows_per_second: u64) -> Option<Arc<Self>> {
+        (rows_per_second > 0).then(|| {
+            Arc::new(Self {
+                rows_per_second,
+                started: std::time::Instant::now(),
+                rows: Default::default(),
+            })
+        })
+    }
+
+    /// Count `rows` read, and wait as long as the cap asks.
+    async fn take(&self, rows: u64) {
+        let total = self
+            .rows
+            .fetch_add(rows, std::sync::atomic::Ordering::Relaxed)
+            + rows;
+        let due = std::time::Duration::from_secs_f64(total as f64 / self.rows_per_second as f64);
+        let elapsed = self.started.elapsed();
+        if due > elapsed {
+            tokio::time::sleep(due - elapsed).await;
+        }
+    }
+}
+
+/// Read one side into a bounded channel of parsed row batches, on `client` (in whatever
+/// transaction it is: an anchored pass has it in the anchor's snapshot).
 fn spawn_reader(
-    params: ConnParams,
-    app: String,
+    client: Arc<tokio_postgres::Client>,
+    side: &'static str,
     query: SideQuery,
     columns: usize,
     key_columns: Vec<usize>,
+    throttle: Option<Arc<Throttle>>,
 ) -> Rows {
     let (tx, rx) = tokio::sync::mpsc::channel::<Batch>(CHANNEL_BATCHES);
     tokio::spawn(async move {
-        let client = match pg_conn::connect(&params, &app).await {
-            Ok(c) => c,
-            Err(e) => return drop(tx.send(Err(e.to_string())).await),
-        };
         let stream = match client.copy_out(&query.sql).await {
             Ok(s) => s,
             Err(e) => {
                 let cause = cutover_connectors::error::pg_cause(&e);
-                return drop(
-                    tx.send(Err(format!("{}: {cause}", params.endpoint())))
-                        .await,
-                );
+                return drop(tx.send(Err(format!("{side}: {cause}"))).await);
             }
         };
         futures_util::pin_mut!(stream);
@@ -219,6 +287,9 @@ fn spawn_reader(
             }
             if batch.len() >= BATCH_ROWS {
                 let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH_ROWS));
+                if let Some(t) = &throttle {
+                    t.take(full.len() as u64).await;
+                }
                 if tx.send(Ok(full)).await.is_err() {
                     return;
                 }
@@ -263,11 +334,13 @@ impl Iterator for Rows {
     }
 }
 
-async fn verify_table(
-    source: &ConnParams,
-    target: &ConnParams,
-    app: &str,
+/// Compare one table, each side read on its own connection (the source one through the
+/// mapping); `throttle` caps the source's rows per second.
+pub async fn compare_table(
+    source: Arc<tokio_postgres::Client>,
+    target: Arc<tokio_postgres::Client>,
     plan: &Arc<TablePlan>,
+    throttle: Option<Arc<Throttle>>,
 ) -> anyhow::Result<TableReport> {
     let columns = plan.columns.len();
     let key_columns: Vec<usize> = plan.key_indexes();
@@ -277,18 +350,20 @@ async fn verify_table(
         .map(|&j| plan.columns[j].target.clone())
         .collect();
     let src_rx = spawn_reader(
-        source.clone(),
-        app.to_string(),
+        source,
+        "the source",
         side_query(plan, true),
         columns,
         key_columns.clone(),
+        throttle,
     );
     let dst_rx = spawn_reader(
-        target.clone(),
-        app.to_string(),
+        target,
+        "the target",
         side_query(plan, false),
         columns,
         key_columns.clone(),
+        None,
     );
     let domain = table_domain(&plan.target_name().schema, &plan.target_name().name, 1);
     let (_, order) = key_order(plan, false);

@@ -52,6 +52,10 @@ pub struct TableReport {
     pub differences: Vec<DifferenceReport>,
     /// All differences found, including those not listed.
     pub differences_total: u64,
+    /// The source position this table was compared at, when anchored (a pass renews its
+    /// anchor between tables, so tables of one pass may differ).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lsn: Option<String>,
 }
 
 /// What kind of difference a row shows.
@@ -182,6 +186,7 @@ impl TableReport {
             equal: outcome.is_equal(),
             differences,
             differences_total: outcome.differences_total,
+            lsn: None,
         }
     }
 
@@ -214,6 +219,7 @@ impl TableReport {
             equal: outcome.is_equal(),
             differences,
             differences_total: outcome.differences_total,
+            lsn: None,
         }
     }
 }

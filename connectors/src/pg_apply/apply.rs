@@ -302,6 +302,18 @@ impl Applier {
         self.stats
     }
 
+    /// The commit LSN of the last source transaction taken in: committed, in the open
+    /// group, or being received.
+    pub fn last_seen_commit(&self) -> Lsn {
+        let grouped = self
+            .last_in_group
+            .map_or(self.committed.commit_lsn, |l| l.commit_lsn);
+        match self.txn {
+            Some((lsn, _)) => lsn.max(grouped),
+            None => grouped.max(self.committed.commit_lsn),
+        }
+    }
+
     /// Whether a source transaction is between its Begin and Commit.
     pub fn in_transaction(&self) -> bool {
         self.txn.is_some()

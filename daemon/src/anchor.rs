@@ -1,0 +1,192 @@
+//! Anchored comparisons: both databases read as of one source LSN, so rows in flight are
+//! not differences.
+//!
+//! The source side: a temporary logical slot created with `SNAPSHOT 'export'` yields a
+//! snapshot that sees exactly the transactions committed before the slot's consistent
+//! point `L`; the source reader imports it (`SET TRANSACTION SNAPSHOT`). The target side:
+//! the stream is asked to hold at `L` ([`BarrierRequest`]): it commits every source
+//! transaction that committed before `L` and none after, and while it holds, a REPEATABLE
+//! READ transaction takes its snapshot on the target reader. Then the apply goes on, and
+//! the two readers compare the same state, however long they take.
+//!
+//! `L` is only known once the slot exists, and the apply would overtake it while the slot
+//! is created; so the stream is first asked to pause at its next transaction boundary
+//! ([`PauseRequest`]), the slot is created, and the barrier at `L` is handed over. The pause
+//! lasts as long as the slot creation, and never more than [`MAX_PAUSE`]: past that the
+//! apply goes on, and if it overtakes `L` the stream answers [`BarrierReply::Passed`] and a
+//! new anchor is taken.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cutover_config::ConnParams;
+use cutover_connectors::error::{Error, Result};
+use cutover_connectors::pg_source::client::ReplicationSession;
+use cutover_connectors::{Lsn, pg_conn, quote_literal};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::Client;
+
+/// Ask the stream to hold at `lsn` and take the target's snapshot there.
+pub struct BarrierRequest {
+    pub lsn: Lsn,
+    /// The connection whose REPEATABLE READ transaction takes the snapshot.
+    pub client: Client,
+    pub reply: oneshot::Sender<BarrierReply>,
+}
+
+pub enum BarrierReply {
+    /// The snapshot is taken: `client` is in a REPEATABLE READ transaction that sees the
+    /// target exactly at the requested LSN.
+    Held(Client),
+    /// The apply was already past the LSN; take a new anchor.
+    Passed,
+    Failed(Error),
+}
+
+/// Ask the stream to stop taking transactions at its next boundary until the barrier
+/// arrives on `barrier`.
+pub struct PauseRequest {
+    /// Answered once paused (everything taken so far is committed).
+    pub paused: oneshot::Sender<()>,
+    pub barrier: oneshot::Receiver<BarrierRequest>,
+}
+
+/// The longest the stream pauses for a verifier.
+pub const MAX_PAUSE: Duration = Duration::from_secs(3);
+
+pub type BarrierSender = mpsc::Sender<PauseRequest>;
+pub type BarrierReceiver = mpsc::Receiver<PauseRequest>;
+
+/// Both sides' readers, each in a REPEATABLE READ transaction seeing the same position.
+pub struct Anchor {
+    pub lsn: Lsn,
+    pub source: Arc<Client>,
+    pub target: Arc<Client>,
+    pub taken_at: Instant,
+}
+
+impl Anchor {
+    pub fn age(&self) -> Duration {
+        self.taken_at.elapsed()
+    }
+}
+
+/// Attempts at an anchor before giving up (each one loses only when the apply overtook the
+/// new slot's position while it was being created).
+const ATTEMPTS: usize = 5;
+
+/// How long the stream may take to reach the anchor's position.
+const BARRIER_WAIT: Duration = Duration::from_secs(120);
+
+static NEXT: AtomicU64 = AtomicU64::new(1);
+
+/// Take an anchor for job `job` (its slot and publication names come from it).
+pub async fn take(
+    source: &ConnParams,
+    target: &ConnParams,
+    job: &str,
+    barrier: &BarrierSender,
+) -> Result<Anchor> {
+    let base = cutover_connectors::pg_source::provision::object_name(job);
+    let app = format!("cutover/{job}/verify");
+    for _ in 0..ATTEMPTS {
+        let slot = format!("{base}_v{}", NEXT.fetch_add(1, Ordering::Relaxed));
+        // Everything that takes time happens before the pause.
+        let mut session =
+            ReplicationSession::connect(source, &slot, &base, Lsn::ZERO, &app).await?;
+        let src = pg_conn::connect(source, &app).await?;
+        let tgt = pg_conn::connect(target, &app).await?;
+        let (paused_tx, paused_rx) = oneshot::channel();
+        let (barrier_tx, barrier_rx) = oneshot::channel();
+        barrier
+            .send(PauseRequest {
+                paused: paused_tx,
+                barrier: barrier_rx,
+            })
+            .await
+            .map_err(|_| Error::transient("the job is not running"))?;
+        // A stream inside a long transaction cannot pause soon: go on without (the
+        // barrier may then be overtaken, and the attempt repeated).
+        let _ = tokio::time::timeout(MAX_PAUSE, paused_rx).await;
+        let created = session.create_slot(&slot, true).await?;
+        let (tx, rx) = oneshot::channel();
+        if barrier_tx
+            .send(BarrierRequest {
+                lsn: created.consistent_point,
+                client: tgt,
+                reply: tx,
+            })
+            .is_err()
+        {
+            // The stream stopped waiting (the slot took long, or the stream restarted).
+            continue;
+        }
+        src.batch_execute(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
+            quote_literal(&created.snapshot_name)
+        ))
+        .await
+        .map_err(|e| Error::from_pg("import the verification snapshot", "the source", &e))?;
+        // Imported: the exporting session (and its temporary slot) may go.
+        drop(session);
+        // On a busy source the next transaction reaches the stream at once; on an idle one,
+        // a transactional logical message (nothing else) gives the stream a commit after
+        // the anchor to stop before.
+        let mut rx = rx;
+        let reply = match tokio::time::timeout(NUDGE_AFTER, &mut rx).await {
+            Ok(reply) => reply,
+            Err(_) => {
+                nudge(source, &app).await;
+                tokio::time::timeout(BARRIER_WAIT, rx).await.map_err(|_| {
+                    Error::transient(format!(
+                        "the apply did not reach {} within {}s",
+                        created.consistent_point,
+                        BARRIER_WAIT.as_secs()
+                    ))
+                    .hint("the job is not streaming (still copying, stopped or failing); see cutover status")
+                })?
+            }
+        };
+        match reply {
+            Ok(BarrierReply::Held(target)) => {
+                return Ok(Anchor {
+                    lsn: created.consistent_point,
+                    source: Arc::new(src),
+                    target: Arc::new(target),
+                    taken_at: Instant::now(),
+                });
+            }
+            Ok(BarrierReply::Passed) => {
+                tracing::debug!(lsn = %created.consistent_point, "the apply passed the anchor; taking another");
+            }
+            Ok(BarrierReply::Failed(e)) => return Err(e),
+            Err(_) => return Err(Error::transient("the job stopped while verifying")),
+        }
+    }
+    Err(Error::transient(format!(
+        "could not anchor a verification pass: the apply overtook {ATTEMPTS} new slots in a row"
+    )))
+}
+
+/// How long to wait for source traffic before nudging the stream.
+const NUDGE_AFTER: Duration = Duration::from_millis(500);
+
+/// Write a transactional logical message on the source, so the stream sees a commit.
+async fn nudge(source: &ConnParams, app: &str) {
+    if let Ok(c) = pg_conn::connect(source, app).await
+        && let Err(e) = c
+            .batch_execute("SELECT pg_catalog.pg_logical_emit_message(true, 'cutover', 'anchor')")
+            .await
+    {
+        tracing::debug!("could not nudge the stream: {e}");
+    }
+}
+
+/// Take the target's snapshot on `client` (called by the stream while it holds).
+pub async fn hold_snapshot(client: &Client) -> Result<()> {
+    client
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1")
+        .await
+        .map_err(|e| Error::from_pg("take the verification snapshot", "the target", &e))
+}
