@@ -261,3 +261,112 @@ async fn anchored_passes_under_write_load() {
     .await;
     assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
 }
+
+/// Between full passes, keys changed by the stream are compared again at new anchors: a
+/// target row deleted behind the daemon's back is caught when the source next updates it
+/// (the apply's update finds nothing to change), readiness is revoked, and restored once a
+/// later comparison of that key is clean.
+#[tokio::test(flavor = "multi_thread")]
+async fn changed_keys_are_verified_again_between_full_passes() {
+    let (src, dst) = tokio::join!(cluster("rever-src"), cluster("rever-dst"));
+    let schema = "CREATE TABLE public.acc (id int PRIMARY KEY, n bigint, note text);";
+    for c in [&src, &dst] {
+        c.create_database("db").await.unwrap();
+        c.execute("db", schema).await.unwrap();
+    }
+    src.execute(
+        "db",
+        "INSERT INTO acc SELECT g, 0, 'a' || g FROM generate_series(1, 1000) g;",
+    )
+    .await
+    .unwrap();
+    // One full pass at the start, then only re-verification for the rest of the test.
+    let job = Job::write(
+        "rever",
+        &src.url("db"),
+        &dst.url("db"),
+        "[verify]\nevery = \"1h\"\n",
+    );
+    let mut daemon = Daemon::start(&job);
+    daemon
+        .wait_phase("streaming", Duration::from_secs(60))
+        .await;
+    let s = src.connect("db").await.unwrap();
+    let d = dst.connect("db").await.unwrap();
+    let status_until = |what: &'static str, pred: fn(&serde_json::Value) -> bool| {
+        let daemon = &daemon;
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let st = daemon.status().await.unwrap_or_default();
+                if pred(&st) {
+                    return st;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "{what} not seen: {st:#}\n{}",
+                    daemon.output()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    status_until("a first clean pass", |st| {
+        st["last_verification"]["tables_equal"] == true
+    })
+    .await;
+
+    // Row 7 is deleted on the target behind the daemon's back; the source then updates it
+    // (the apply's update finds no row: nothing else would notice).
+    d.batch_execute("SET session_replication_role = replica; DELETE FROM acc WHERE id = 7")
+        .await
+        .unwrap();
+    s.batch_execute("UPDATE acc SET n = n + 1 WHERE id IN (7, 8, 9)")
+        .await
+        .unwrap();
+    let st = status_until("the changed key found different", |st| {
+        st["reverify"]["suspect_keys"] == 1
+    })
+    .await;
+    assert!(st["reverify"]["last_round_lsn"].is_string(), "{st}");
+    let (code, ready) = run_json(&["ready", "--api", &job.api()]);
+    assert_eq!(code, Some(1));
+    assert!(
+        ready["unmet"]
+            .to_string()
+            .contains("differed when compared again"),
+        "{ready}"
+    );
+    // Repaired on the target: the next round clears it, and readiness comes back.
+    d.batch_execute(
+        "SET session_replication_role = replica; INSERT INTO acc SELECT id, n, note FROM (VALUES (7, 1::bigint, 'a7')) v(id, n, note)",
+    )
+    .await
+    .unwrap();
+    status_until("the suspect cleared", |st| {
+        st["reverify"]["suspect_keys"] == 0 && st["reverify"]["pending_keys"] == 0
+    })
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, ready) = run_json(&["ready", "--api", &job.api()]);
+        if code == Some(0) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready again: {ready}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    wait_equal(
+        &s,
+        &d,
+        "public.acc",
+        "public.acc",
+        Duration::from_secs(30),
+        Some(&daemon),
+    )
+    .await;
+    assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
+}

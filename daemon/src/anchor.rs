@@ -22,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use cutover_config::ConnParams;
 use cutover_connectors::error::{Error, Result};
+use cutover_connectors::pg_apply::Touched;
 use cutover_connectors::pg_source::client::ReplicationSession;
 use cutover_connectors::{Lsn, pg_conn, quote_literal};
 use tokio::sync::{mpsc, oneshot};
@@ -37,8 +38,9 @@ pub struct BarrierRequest {
 
 pub enum BarrierReply {
     /// The snapshot is taken: `client` is in a REPEATABLE READ transaction that sees the
-    /// target exactly at the requested LSN.
-    Held(Client),
+    /// target exactly at the requested LSN; with the keys the apply changed (and committed)
+    /// since the last hand-over, all of them visible in it.
+    Held(Client, Touched),
     /// The apply was already past the LSN; take a new anchor.
     Passed,
     Failed(Error),
@@ -64,6 +66,8 @@ pub struct Anchor {
     pub source: Arc<Client>,
     pub target: Arc<Client>,
     pub taken_at: Instant,
+    /// Keys changed since the previous anchor, to be verified again.
+    pub touched: Touched,
 }
 
 impl Anchor {
@@ -149,12 +153,13 @@ pub async fn take(
             }
         };
         match reply {
-            Ok(BarrierReply::Held(target)) => {
+            Ok(BarrierReply::Held(target, touched)) => {
                 return Ok(Anchor {
                     lsn: created.consistent_point,
                     source: Arc::new(src),
                     target: Arc::new(target),
                     taken_at: Instant::now(),
+                    touched,
                 });
             }
             Ok(BarrierReply::Passed) => {

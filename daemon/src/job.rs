@@ -833,7 +833,11 @@ impl Streaming<'_> {
             return Ok(());
         };
         let reply = match crate::anchor::hold_snapshot(&req.client).await {
-            Ok(()) => BarrierReply::Held(req.client),
+            Ok(()) => {
+                let touched = self.applier.take_touched();
+                publish_pending(self.ctx, &self.applier);
+                BarrierReply::Held(req.client, touched)
+            }
             Err(e) => BarrierReply::Failed(e),
         };
         let _ = req.reply.send(reply);
@@ -1130,6 +1134,17 @@ fn publish_applied(ctx: &JobContext, applier: &Applier, base: (u64, u64), applie
         s.applied_lsn = Some(applied.to_string());
         s.applied_transactions = base.0 + stats.transactions;
         s.applied_rows = base.1 + stats.rows;
+    });
+    publish_pending(ctx, applier);
+}
+
+/// Publish how many changed keys wait to be verified again.
+fn publish_pending(ctx: &JobContext, applier: &Applier) {
+    let (keys, since) = applier.touched_pending();
+    metrics::gauge!(crate::metrics::VERIFY_REVERIFY_QUEUE).set(keys as f64);
+    ctx.status.update(|s| {
+        s.reverify.pending_keys = keys as u64;
+        s.reverify.pending_since = since;
     });
 }
 

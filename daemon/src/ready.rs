@@ -29,7 +29,8 @@ pub const GATE_LAG: &str = "lag";
 /// No table's apply is paused waiting for an operator.
 pub const GATE_TABLES: &str = "tables";
 /// The last verification pass, anchored at a source LSN, found no difference and is
-/// younger than `[ready] max_verify_age`.
+/// younger than `[ready] max_verify_age`, and the keys changed since are compared again
+/// and clean (re-verification keeps up within `[ready] max_lag` plus a few seconds).
 pub const GATE_VERIFIED: &str = "verified";
 
 /// At most this many table names are listed in the snapshot gate's detail.
@@ -203,8 +204,37 @@ fn verified_gate(status: &JobStatus, cfg: &ReadyConfig) -> Option<String> {
             format_duration(cfg.max_verify_age)
         ));
     }
+    let r = &status.reverify;
+    if r.suspect_keys > 0 {
+        return Some(format!(
+            "{} changed keys differed when compared again (at {}); they are compared again until clean",
+            r.suspect_keys,
+            r.last_round_lsn.as_deref().unwrap_or("?")
+        ));
+    }
+    if !r.tables_awaiting_full_pass.is_empty() {
+        return Some(format!(
+            "changes keys cannot name (no key, TRUNCATE, or too many) await the next full pass: {}",
+            r.tables_awaiting_full_pass.join(", ")
+        ));
+    }
+    let behind = r
+        .pending_since
+        .map(|t| t.elapsed())
+        .filter(|&a| a > cfg.max_lag + REVERIFY_SLACK);
+    if let Some(age) = behind {
+        return Some(format!(
+            "{} changed keys wait to be compared again, the oldest for {} (limit [ready] max_lag + {})",
+            r.pending_keys,
+            format_seconds(age.as_secs_f64()),
+            format_duration(REVERIFY_SLACK)
+        ));
+    }
     None
 }
+
+/// How long past `[ready] max_lag` a changed key may wait to be compared again.
+pub const REVERIFY_SLACK: Duration = Duration::from_secs(10);
 
 fn lag_gate(status: &JobStatus, cfg: &ReadyConfig) -> Option<String> {
     let limit = format_duration(cfg.max_lag);
@@ -298,6 +328,28 @@ mod tests {
             "{detail}"
         );
         status.last_verification = Some(clean_pass(Duration::from_secs(1)));
+        assert!(evaluate(&status, &cfg).ready);
+        // A changed key that differed when compared again revokes it until clean.
+        status.reverify.suspect_keys = 1;
+        status.reverify.last_round_lsn = Some("0/2000".into());
+        let detail = evaluate(&status, &cfg);
+        assert!(unmet(&detail, "verified").unwrap().contains("differed"));
+        status.reverify.suspect_keys = 0;
+        status.reverify.tables_awaiting_full_pass = vec!["public.bag".into()];
+        assert!(
+            unmet(&evaluate(&status, &cfg), "verified")
+                .unwrap()
+                .contains("public.bag")
+        );
+        status.reverify.tables_awaiting_full_pass.clear();
+        status.reverify.pending_keys = 7;
+        status.reverify.pending_since = Some(std::time::Instant::now() - Duration::from_secs(60));
+        assert!(
+            unmet(&evaluate(&status, &cfg), "verified")
+                .unwrap()
+                .contains("7 changed keys")
+        );
+        status.reverify.pending_since = Some(std::time::Instant::now());
         assert!(evaluate(&status, &cfg).ready);
     }
 

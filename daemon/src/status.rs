@@ -54,6 +54,23 @@ pub struct VerificationSummary {
     pub finished: Option<std::time::SystemTime>,
 }
 
+/// Re-verification of changed keys between full passes.
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+pub struct ReverifyStatus {
+    /// Target keys changed (and applied) that have not been compared again yet.
+    pub pending_keys: u64,
+    /// Keys whose last comparison found a difference (each is compared again until clean).
+    pub suspect_keys: u64,
+    /// The source position of the last re-verification round.
+    pub last_round_lsn: Option<String>,
+    /// Tables changed in ways keys cannot name (no key, TRUNCATE, too many keys): only the
+    /// next full pass verifies them again.
+    pub tables_awaiting_full_pass: Vec<String>,
+    /// When the oldest pending key was applied (for the readiness gate).
+    #[serde(skip)]
+    pub pending_since: Option<std::time::Instant>,
+}
+
 /// The whole status document.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct JobStatus {
@@ -67,6 +84,8 @@ pub struct JobStatus {
     pub lag_seconds: Option<f64>,
     pub tables: Vec<TableStatus>,
     pub last_verification: Option<VerificationSummary>,
+    /// Keys changed since they were last verified, and what re-verifying them found.
+    pub reverify: ReverifyStatus,
     /// Source transactions applied since the daemon started.
     pub applied_transactions: u64,
     /// Row changes applied since the daemon started.
@@ -94,6 +113,7 @@ impl JobStatus {
             lag_seconds: None,
             tables: Vec::new(),
             last_verification: None,
+            reverify: ReverifyStatus::default(),
             applied_transactions: 0,
             applied_rows: 0,
             slot_retained_bytes: None,

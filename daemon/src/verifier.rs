@@ -12,8 +12,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cutover_connectors::pg_apply::TablePlan;
-use cutover_connectors::pg_conn;
+use std::collections::{HashMap, HashSet};
+
+use cutover_connectors::pg_apply::{TablePlan, Touched};
+use cutover_connectors::{Lsn, TableName, pg_conn};
 use cutover_verifier::report::VerifyReport;
 use tokio::sync::{RwLock, mpsc, oneshot};
 
@@ -52,6 +54,52 @@ impl VerifierHandle {
     }
 }
 
+/// How often changed keys are compared again (when there are any).
+pub const REVERIFY_EVERY: Duration = Duration::from_secs(3);
+
+/// Changed keys between full passes: handed over at each anchor, compared at it.
+#[derive(Default)]
+struct Reverify {
+    /// Keys handed over and not yet compared (a failed round keeps them).
+    carry: HashMap<TableName, HashSet<Vec<String>>>,
+    /// Keys whose last comparison differed: compared again every round until clean.
+    suspects: HashMap<TableName, HashSet<Vec<String>>>,
+    /// Tables changed in ways keys cannot name, and the anchor after which a full pass
+    /// must have compared them.
+    awaiting_full: HashMap<TableName, Lsn>,
+    last_round: Option<Lsn>,
+}
+
+impl Reverify {
+    /// Take over the keys an anchor brought.
+    fn absorb(&mut self, touched: Touched, at: Lsn) {
+        for (table, t) in touched.tables {
+            if t.overflow {
+                self.awaiting_full.insert(table.clone(), at);
+                self.carry.remove(&table);
+            } else if !self.awaiting_full.contains_key(&table) {
+                self.carry.entry(table).or_default().extend(t.keys);
+            }
+        }
+    }
+
+    fn work(&self) -> bool {
+        self.carry.values().any(|k| !k.is_empty()) || self.suspects.values().any(|k| !k.is_empty())
+    }
+
+    fn publish(&self, ctx: &JobContext) {
+        let suspects: usize = self.suspects.values().map(HashSet::len).sum();
+        let mut awaiting: Vec<String> = self.awaiting_full.keys().map(|t| t.to_string()).collect();
+        awaiting.sort();
+        let last = self.last_round.map(|l| l.to_string());
+        ctx.status.update(|s| {
+            s.reverify.suspect_keys = suspects as u64;
+            s.reverify.tables_awaiting_full_pass = awaiting;
+            s.reverify.last_round_lsn = last;
+        });
+    }
+}
+
 /// Start the verifier of a job; `barriers` reaches the job's stream.
 pub fn spawn(ctx: JobContext, barriers: BarrierSender) -> VerifierHandle {
     let (tx, mut rx) = mpsc::channel::<PassRequest>(16);
@@ -63,16 +111,43 @@ pub fn spawn(ctx: JobContext, barriers: BarrierSender) -> VerifierHandle {
     tokio::spawn(async move {
         let every = ctx.spec.verify.every;
         let mut next_due = Instant::now();
+        let mut next_round = Instant::now() + REVERIFY_EVERY;
         let mut shutdown = ctx.shutdown.clone();
+        let mut reverify = Reverify::default();
+        let mut plans: Vec<Arc<TablePlan>> = Vec::new();
         loop {
-            let wait = next_due.saturating_duration_since(Instant::now());
-            let requested = tokio::select! {
+            let full_wait = next_due.saturating_duration_since(Instant::now());
+            let round_wait = next_round.saturating_duration_since(Instant::now());
+            enum Wake {
+                Request(PassRequest),
+                Full,
+                Round,
+            }
+            let wake = tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => return,
                 req = rx.recv() => match req {
-                    Some(r) => Some(r),
+                    Some(r) => Wake::Request(r),
                     None => return,
                 },
-                _ = tokio::time::sleep(wait), if !every.is_zero() => None,
+                _ = tokio::time::sleep(full_wait), if !every.is_zero() => Wake::Full,
+                _ = tokio::time::sleep(round_wait) => Wake::Round,
+            };
+            let requested = match wake {
+                Wake::Round => {
+                    next_round = Instant::now() + REVERIFY_EVERY;
+                    let pending = ctx.status.snapshot().reverify.pending_keys > 0
+                        || ctx.status.snapshot().reverify.pending_since.is_some();
+                    if settled(&ctx) && (pending || reverify.work()) {
+                        if let Err(e) = run_round(&ctx, &barriers, &mut plans, &mut reverify).await
+                        {
+                            tracing::warn!("re-verification round failed: {e}");
+                        }
+                        reverify.publish(&ctx);
+                    }
+                    continue;
+                }
+                Wake::Full => None,
+                Wake::Request(r) => Some(r),
             };
             if requested.is_none() && !settled(&ctx) {
                 // Not streaming yet, or behind: a scheduled pass waits for the apply.
@@ -80,14 +155,16 @@ pub fn spawn(ctx: JobContext, barriers: BarrierSender) -> VerifierHandle {
                 continue;
             }
             let mut waiting: Vec<PassRequest> = requested.into_iter().collect();
-            let result = run_pass(&ctx, &barriers).await;
+            let result = run_pass(&ctx, &barriers, &mut reverify).await;
             // Requests that arrived during the pass are answered by it too.
             while let Ok(r) = rx.try_recv() {
                 waiting.push(r);
             }
             match &result {
-                Ok(report) => {
+                Ok((report, used)) => {
+                    plans = used.clone();
                     publish(&ctx, report);
+                    reverify.publish(&ctx);
                     *latest.write().await = Some(report.clone());
                     next_due = Instant::now() + every;
                 }
@@ -96,12 +173,123 @@ pub fn spawn(ctx: JobContext, barriers: BarrierSender) -> VerifierHandle {
                     next_due = Instant::now() + Duration::from_secs(10);
                 }
             }
+            let result = result.map(|(report, _)| report);
             for w in waiting {
                 let _ = w.send(result.clone());
             }
         }
     });
     handle
+}
+
+/// The job's plans, from both catalogs (tables whose mapping does not hold are left out).
+async fn plans(ctx: &JobContext) -> Result<Vec<Arc<TablePlan>>, String> {
+    let app = format!("cutover/{}/verify", ctx.spec.name);
+    let (source, target) = tokio::try_join!(
+        pg_conn::connect(&ctx.source, &app),
+        pg_conn::connect(&ctx.target, &app)
+    )
+    .map_err(|e| e.to_string())?;
+    let mut broken = Vec::new();
+    let plans = crate::job::plan_tables(
+        false,
+        &ctx.spec,
+        &ctx.source,
+        &ctx.target,
+        &source,
+        &target,
+        Some(&mut broken),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
+    for b in &broken {
+        tracing::warn!(table = %b.source, "not verified: {}", b.error);
+    }
+    Ok(plans)
+}
+
+/// Compare the changed (and the suspect) keys at a new anchor.
+async fn run_round(
+    ctx: &JobContext,
+    barriers: &BarrierSender,
+    plans_cache: &mut Vec<Arc<TablePlan>>,
+    state: &mut Reverify,
+) -> Result<(), String> {
+    if plans_cache.is_empty() {
+        *plans_cache = plans(ctx).await?;
+    }
+    let a = anchor::take(&ctx.source, &ctx.target, &ctx.spec.name, barriers)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut a = a;
+    tracing::debug!(lsn = %a.lsn, keys = a.touched.len(), "re-verification round anchored");
+    state.absorb(std::mem::take(&mut a.touched), a.lsn);
+    let mut tables: Vec<TableName> = state
+        .carry
+        .keys()
+        .chain(state.suspects.keys())
+        .cloned()
+        .collect();
+    tables.sort();
+    tables.dedup();
+    for table in tables {
+        let Some(plan) = plans_cache.iter().find(|p| p.source_name() == &table) else {
+            state.carry.remove(&table);
+            state.suspects.remove(&table);
+            continue;
+        };
+        let mut keys: HashSet<Vec<String>> = state.carry.remove(&table).unwrap_or_default();
+        keys.extend(state.suspects.get(&table).cloned().unwrap_or_default());
+        if keys.is_empty() {
+            continue;
+        }
+        let list: Vec<Vec<String>> = keys.into_iter().collect();
+        let report = match crate::verify::compare_keys(
+            a.source.clone(),
+            a.target.clone(),
+            plan,
+            &list,
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                // Keep them for the next round.
+                state.carry.entry(table).or_default().extend(list);
+                return Err(format!("{e:#}"));
+            }
+        };
+        metrics::counter!(crate::metrics::VERIFY_ROWS_TOTAL).increment(report.rows_compared);
+        metrics::counter!(crate::metrics::VERIFY_DIFFERENCES_TOTAL)
+            .increment(report.differences_total);
+        let differing: HashSet<Vec<String>> = report
+            .differences
+            .iter()
+            .map(|d| {
+                d.key
+                    .0
+                    .iter()
+                    .map(|(_, v)| v.clone().unwrap_or_default())
+                    .collect()
+            })
+            .collect();
+        if !differing.is_empty() {
+            tracing::warn!(
+                table = %table,
+                lsn = %a.lsn,
+                keys = differing.len(),
+                "re-verification found changed keys that differ at an anchored position"
+            );
+        }
+        tracing::debug!(table = %table, lsn = %a.lsn, keys = list.len(), rows = report.rows_compared, total = report.differences_total, differing = differing.len(), "changed keys verified again");
+        if differing.is_empty() {
+            state.suspects.remove(&table);
+        } else {
+            state.suspects.insert(table, differing);
+        }
+    }
+    state.last_round = Some(a.lsn);
+    Ok(())
 }
 
 /// Whether the job streams with its lag within `[ready] max_lag`.
@@ -121,30 +309,13 @@ async fn wait_settled(ctx: &JobContext) {
 }
 
 /// One full pass over every table the job carries.
-pub async fn run_pass(ctx: &JobContext, barriers: &BarrierSender) -> Result<VerifyReport, String> {
+async fn run_pass(
+    ctx: &JobContext,
+    barriers: &BarrierSender,
+    reverify: &mut Reverify,
+) -> Result<(VerifyReport, Vec<Arc<TablePlan>>), String> {
     let started = Instant::now();
-    let app = format!("cutover/{}/verify", ctx.spec.name);
-    let (source, target) = tokio::try_join!(
-        pg_conn::connect(&ctx.source, &app),
-        pg_conn::connect(&ctx.target, &app)
-    )
-    .map_err(|e| e.to_string())?;
-    let mut broken = Vec::new();
-    let plans: Vec<Arc<TablePlan>> = crate::job::plan_tables(
-        false,
-        &ctx.spec,
-        &ctx.source,
-        &ctx.target,
-        &source,
-        &target,
-        Some(&mut broken),
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    drop((source, target));
-    for b in &broken {
-        tracing::warn!(table = %b.source, "not verified: {}", b.error);
-    }
+    let plans = plans(ctx).await?;
     let throttle = crate::verify::Throttle::new(ctx.spec.verify.max_rows_per_second);
     let mut anchor: Option<Anchor> = None;
     let mut first_lsn = None;
@@ -154,9 +325,12 @@ pub async fn run_pass(ctx: &JobContext, barriers: &BarrierSender) -> Result<Veri
             wait_settled(ctx).await;
             // The old snapshots end with their connections.
             drop(anchor.take());
-            let a = anchor::take(&ctx.source, &ctx.target, &ctx.spec.name, barriers)
+            let mut a = anchor::take(&ctx.source, &ctx.target, &ctx.spec.name, barriers)
                 .await
                 .map_err(|e| e.to_string())?;
+            // The keys changed since the last anchor are compared again by the next round
+            // (this pass may have compared some of their tables at an earlier anchor).
+            reverify.absorb(std::mem::take(&mut a.touched), a.lsn);
             first_lsn.get_or_insert(a.lsn);
             anchor = Some(a);
         }
@@ -195,7 +369,29 @@ pub async fn run_pass(ctx: &JobContext, barriers: &BarrierSender) -> Result<Veri
         seconds = format!("{:.2}", started.elapsed().as_secs_f64()),
         "verification pass finished"
     );
-    Ok(report)
+    // A clean comparison of a table at or after the point a change keys could not name
+    // verifies it again.
+    let clean_at: Vec<(TableName, Lsn)> = plans
+        .iter()
+        .zip(&report.tables)
+        .filter(|(_, t)| t.equal)
+        .filter_map(|(p, t)| {
+            t.lsn
+                .as_deref()
+                .and_then(|l| l.parse().ok())
+                .map(|l| (p.source_name().clone(), l))
+        })
+        .collect();
+    for (table, at) in clean_at {
+        if reverify
+            .awaiting_full
+            .get(&table)
+            .is_some_and(|need| at >= *need)
+        {
+            reverify.awaiting_full.remove(&table);
+        }
+    }
+    Ok((report, plans))
 }
 
 /// Put a pass's summary in the status.

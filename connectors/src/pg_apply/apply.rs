@@ -139,7 +139,42 @@ pub struct Applier {
     /// The target's progress when this applier started: once a group commits past it,
     /// the resumed tables have caught up.
     horizon: Lsn,
+    /// Keys changed in the open group (bounded like the rest), and in committed groups not
+    /// yet handed over.
+    group_touched: HashMap<TableName, TouchedKeys>,
+    touched: Touched,
 }
+
+/// Target keys changed by committed source transactions, per source table, waiting to be
+/// verified again (see `cutover::verifier`).
+#[derive(Debug, Default, Clone)]
+pub struct Touched {
+    pub tables: HashMap<TableName, TouchedKeys>,
+    /// When the oldest of them was committed on the target.
+    pub since: Option<Instant>,
+}
+
+/// The changed keys of one table, in target key column order (text form).
+#[derive(Debug, Default, Clone)]
+pub struct TouchedKeys {
+    pub keys: std::collections::HashSet<Vec<String>>,
+    /// More keys changed than are kept, or rows changed that keys cannot name (a keyless
+    /// table, a TRUNCATE): only a full pass verifies the table again.
+    pub overflow: bool,
+}
+
+impl Touched {
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.tables.values().map(|t| t.keys.len()).sum()
+    }
+}
+
+/// Changed keys kept per table before it overflows.
+const MAX_TOUCHED_PER_TABLE: usize = 100_000;
 
 /// A paused table.
 #[derive(Debug)]
@@ -216,6 +251,8 @@ impl Applier {
                 .collect(),
             resuming,
             horizon: committed.commit_lsn,
+            group_touched: HashMap::new(),
+            touched: Touched::default(),
         }
     }
 
@@ -300,6 +337,57 @@ impl Applier {
 
     pub fn stats(&self) -> ApplyStats {
         self.stats
+    }
+
+    /// Hand over the keys changed by committed transactions (the verifier compares them
+    /// again), and start collecting anew.
+    pub fn take_touched(&mut self) -> Touched {
+        std::mem::take(&mut self.touched)
+    }
+
+    /// How many changed keys wait to be handed over, and since when.
+    pub fn touched_pending(&self) -> (usize, Option<Instant>) {
+        (self.touched.len(), self.touched.since)
+    }
+
+    /// Note the target key a change touches (`None`: a change keys cannot name).
+    fn note_key(&mut self, plan: &TablePlan, idx: &[usize], tuple: &TupleData) {
+        let mut key = Vec::new();
+        for j in plan.key_indexes() {
+            match tuple.columns.get(idx[j]) {
+                Some(ColumnValue::Text(b)) => key.push(String::from_utf8_lossy(b).into_owned()),
+                _ => {
+                    if !plan.keyed() {
+                        break;
+                    }
+                    return;
+                }
+            }
+        }
+        let key = if plan.keyed() { Some(key) } else { None };
+        self.note_touched(plan.source_name(), key);
+    }
+
+    /// Add a changed key of `table` to the open group's (`None`: the table changed in a
+    /// way keys cannot name).
+    fn note_touched(&mut self, table: &TableName, key: Option<Vec<String>>) {
+        if !self.group_touched.contains_key(table) {
+            self.group_touched
+                .insert(table.clone(), TouchedKeys::default());
+        }
+        let Some(t) = self.group_touched.get_mut(table) else {
+            return;
+        };
+        match key {
+            Some(k) if !t.overflow && t.keys.len() < MAX_TOUCHED_PER_TABLE => {
+                t.keys.insert(k);
+            }
+            Some(_) if t.overflow => {}
+            _ => {
+                t.overflow = true;
+                t.keys = Default::default();
+            }
+        }
     }
 
     /// The commit LSN of the last source transaction taken in: committed, in the open
@@ -638,6 +726,7 @@ impl Applier {
         let Some((plan, idx)) = self.target_for(ins.oid)? else {
             return Ok(());
         };
+        self.note_key(&plan, &idx, &ins.new);
         self.ensure_group();
         if self.foldable(&plan) {
             let row = Self::image(&plan, &idx, &ins.new)?;
@@ -703,6 +792,10 @@ impl Applier {
         let Some((plan, idx)) = self.target_for(upd.oid)? else {
             return Ok(());
         };
+        self.note_key(&plan, &idx, &upd.new);
+        if let Some(old) = &upd.old {
+            self.note_key(&plan, &idx, old.tuple());
+        }
         self.ensure_group();
         if self.foldable(&plan) {
             let row = Self::image(&plan, &idx, &upd.new)?;
@@ -889,6 +982,7 @@ impl Applier {
         let Some((plan, idx)) = self.target_for(del.oid)? else {
             return Ok(());
         };
+        self.note_key(&plan, &idx, del.old.tuple());
         self.ensure_group();
         if self.foldable(&plan) {
             if let Ok((key, key_values)) =
@@ -982,6 +1076,7 @@ impl Applier {
         for oid in &tr.oids {
             if let Some((plan, _)) = self.target_for(*oid)? {
                 targets.push(plan.target_name().quoted());
+                self.note_touched(plan.source_name(), None);
             }
         }
         if targets.is_empty() {
@@ -1300,6 +1395,22 @@ impl Applier {
         }
         for table in caught_up {
             self.resuming.remove(&table);
+        }
+        // The group's changed keys are durable now: they wait to be verified again.
+        if !self.group_touched.is_empty() {
+            self.touched.since.get_or_insert_with(Instant::now);
+            for (table, group) in self.group_touched.drain() {
+                let t = self.touched.tables.entry(table).or_default();
+                if group.overflow
+                    || t.overflow
+                    || t.keys.len() + group.keys.len() > MAX_TOUCHED_PER_TABLE
+                {
+                    t.overflow = true;
+                    t.keys = Default::default();
+                } else {
+                    t.keys.extend(group.keys);
+                }
+            }
         }
         self.stats.transactions += self.group_txns as u64;
         self.stats.rows += self.group_rows;

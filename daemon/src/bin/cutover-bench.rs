@@ -1,7 +1,7 @@
 //! `cutover-bench`: `cutover` and its peers side by side, in one run, on one pair of
 //! throwaway clusters, reported as ratios (docs/benchmarks.md describes the method).
 //!
-//! Two scenarios, each repeated `--reps` times with the tool order rotated every repetition:
+//! Three scenarios, each repeated `--reps` times with the tool order rotated every repetition:
 //!
 //! * `copy`: the pgbench tables at `--scale` copied into a fresh target database by
 //!   `cutover run` (until every table is `snapshot_done`), `pg_dump --data-only | psql`,
@@ -20,13 +20,27 @@
 //!   `SELECT <expressions> FROM (VALUES ...)`) before it is applied. Its ratio to plain
 //!   `cutover` is the cost of evaluating a mapping on the source in the stream. The filter
 //!   reads only the primary key, so the table needs no `REPLICA IDENTITY FULL`.
+//! * `verify` and `verify-drift`: `pgbench_accounts` (at `--verify-scale`, default `--scale`)
+//!   on the source against a `pg_dump -t | psql` copy of it in a target database, compared
+//!   by `cutover verify JOB.toml --json` (no daemon runs, so it compares the databases as
+//!   they stand) and by `reladiff` (keyed by `aid`, every column, `-j 2`; skipped when not
+//!   installed). `verify` compares identical tables; `verify-drift` a second copy (a
+//!   `CREATE DATABASE ... TEMPLATE` of the first) with drift planted on the target: 100
+//!   `abalance` updates, 3 deletes and 2 inserts of new keys, on distinct keys spread over
+//!   the table. Floor: `COPY (SELECT * ... ORDER BY aid) TO STDOUT` from both databases in
+//!   parallel through tokio-postgres `copy_out`, every byte fed to blake3, nothing compared.
 //!
-//! Every timed run (floors that write a target too) is gated by comparing every pgbench
-//! table on both sides with `count(*)` and `sum(hashtext(t::text))`; a mismatch marks the
-//! run FAILED. CPU seconds are measured for the tool's process tree (this process's reaped
-//! children, `/proc/self/stat` cutime + cstime) and for both PostgreSQL servers (postmaster
-//! with its reaped children, plus its live children).
+//! Every timed run of copy and catch-up (floors that write a target too) is gated by
+//! comparing every pgbench table on both sides with `count(*)` and `sum(hashtext(t::text))`;
+//! a mismatch marks the run FAILED. A verifier's gate is its answer: `equal` and no
+//! difference for identical tables, and for the drift exactly the planted keys (100
+//! different, 3 missing, 2 extra; reladiff's `-`/`+` rows counted by distinct key). CPU
+//! seconds are measured for the tool's process tree (this process's reaped children,
+//! `/proc/self/stat` cutime + cstime; for the in-process verify floor, this process's own
+//! time) and for both PostgreSQL servers (postmaster with its reaped children, plus its live
+//! children).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -73,11 +87,34 @@ const NATIVE: &str = "native LR";
 const FLOOR_SERVER_COPY: &str = "floor: server COPY accounts TO /dev/null";
 const FLOOR_CLIENT_COPY: &str = "floor: psql COPY|COPY, 2 streams, no index";
 const FLOOR_RECVLOGICAL: &str = "floor: pg_recvlogical pgoutput";
+/// `verify` compares identical tables, `verify-drift` tables with planted differences; both
+/// run with `--only verify`.
+const VERIFY: &str = "verify";
+const VERIFY_DRIFT: &str = "verify-drift";
+const RELADIFF: &str = "reladiff";
+const FLOOR_HASH: &str = "floor: COPY ORDER BY key → blake3, 2 streams";
+/// The table the verify scenarios compare (keyed by `aid`, its primary key).
+const VERIFY_TABLE: &str = "pgbench_accounts";
+/// The source database of the verify scenarios when `--verify-scale` differs from `--scale`.
+const VERIFY_SOURCE_DB: &str = "bench_verify";
+/// The target databases of the verify scenarios: an identical copy, and one with drift.
+const VERIFY_SAME_DB: &str = "verify_same";
+const VERIFY_DRIFT_DB: &str = "verify_drift";
+/// The drift planted on the target: `abalance` updated, rows deleted, new keys inserted.
+const DRIFT_UPDATES: i64 = 100;
+const DRIFT_DELETES: i64 = 3;
+const DRIFT_INSERTS: i64 = 2;
+/// reladiff's worker threads per database: one per CPU of the benchmark machine.
+const RELADIFF_THREADS: &str = "2";
+/// The goals the verify headline measures against.
+const GOAL_VERIFY_FLOOR: f64 = 1.3;
+const GOAL_VERIFY_VS_RELADIFF: f64 = 3.0;
+const GOAL_DRIFT_VS_IDENTICAL: f64 = 1.5;
 
 #[derive(Parser, Debug)]
 #[command(
     name = "cutover-bench",
-    about = "Benchmark cutover against pg_dump, pgcopydb and native logical replication in one run"
+    about = "Benchmark cutover against pg_dump, pgcopydb, native logical replication and reladiff in one run"
 )]
 struct Args {
     /// pgbench scale of the source database (scale 1 = 100,000 accounts rows).
@@ -86,9 +123,14 @@ struct Args {
     /// Repetitions of every tool in every scenario (the tool order rotates each time).
     #[arg(long, default_value_t = 3)]
     reps: usize,
-    /// Scenarios to run, comma-separated: copy, catchup (catchup includes `cutover, mapped`).
-    #[arg(long, default_value = "copy,catchup")]
+    /// Scenarios to run, comma-separated: copy, catchup (catchup includes `cutover, mapped`),
+    /// verify (identical tables and planted drift).
+    #[arg(long, default_value = "copy,catchup,verify")]
     only: String,
+    /// pgbench scale of the verify scenarios' `pgbench_accounts` (default: --scale). When it
+    /// differs, a second source database is initialized at this scale.
+    #[arg(long)]
+    verify_scale: Option<u32>,
     /// Seconds of pgbench load that make up each catch-up backlog.
     #[arg(long, default_value_t = 30)]
     backlog_secs: u32,
@@ -250,6 +292,7 @@ struct EnvInfo {
     cpu_model: String,
     pg_version: String,
     pgcopydb: Option<String>,
+    reladiff: Option<String>,
     commit: String,
     source_rows: u64,
     source_size: String,
@@ -269,6 +312,9 @@ struct Bench {
     pg_bin: PathBuf,
     cutover_bin: PathBuf,
     pgcopydb: Option<PathBuf>,
+    reladiff: Option<PathBuf>,
+    /// pgbench scale of [`SOURCE_DB`].
+    scale: u32,
     work: tempfile::TempDir,
     path_env: OsString,
     clk_tck: f64,
@@ -299,12 +345,12 @@ async fn real_main(args: Args) -> Result<i32> {
         .filter(|s| !s.is_empty())
         .collect();
     for s in &scenarios {
-        if s != COPY && s != CATCHUP {
-            bail!("--only: unknown scenario {s:?} (use copy, catchup)");
+        if s != COPY && s != CATCHUP && s != VERIFY {
+            bail!("--only: unknown scenario {s:?} (use copy, catchup, verify)");
         }
     }
-    if args.reps == 0 || args.scale == 0 {
-        bail!("--reps and --scale must be 1 or more");
+    if args.reps == 0 || args.scale == 0 || args.verify_scale == Some(0) {
+        bail!("--reps, --scale and --verify-scale must be 1 or more");
     }
     let started = Instant::now();
     let bench = Box::pin(Bench::setup(&args)).await?;
@@ -320,6 +366,10 @@ async fn real_main(args: Args) -> Result<i32> {
     }
     if scenarios.iter().any(|s| s == CATCHUP) {
         Box::pin(bench.catchup_scenario(args.reps, &mut samples)).await;
+    }
+    if scenarios.iter().any(|s| s == VERIFY) {
+        let scale = args.verify_scale.unwrap_or(args.scale);
+        Box::pin(bench.verify_scenario(args.reps, scale, &mut samples)).await;
     }
 
     let report = render(&samples, &env, &args, started.elapsed());
@@ -364,6 +414,7 @@ impl Bench {
             None => pg_bin.clone().into_os_string(),
         };
         let pgcopydb = find_in_path(&path_env, "pgcopydb");
+        let reladiff = find_in_path(&path_env, "reladiff").map(resolve_pyenv_shim);
         let clk_tck = std::process::Command::new("getconf")
             .arg("CLK_TCK")
             .output()
@@ -401,6 +452,8 @@ impl Bench {
             pg_bin,
             cutover_bin,
             pgcopydb,
+            reladiff,
+            scale: args.scale,
             work,
             path_env,
             clk_tck,
@@ -511,6 +564,16 @@ impl Bench {
                 .or_else(|| Some("unknown version".to_owned()))
             }
         };
+        let reladiff = self.reladiff.as_ref().map(|p| {
+            std::process::Command::new(p)
+                .arg("--version")
+                .stdin(Stdio::null())
+                .output()
+                .ok()
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| "unknown version".to_owned())
+        });
         let date = std::process::Command::new("date")
             .args(["-u", "+%Y-%m-%d %H:%M UTC"])
             .output()
@@ -531,6 +594,7 @@ impl Bench {
             cpu_model,
             pg_version,
             pgcopydb,
+            reladiff,
             commit,
             source_rows: self.source_rows,
             source_size,
@@ -626,6 +690,88 @@ impl Bench {
                 &format!("DROP PUBLICATION IF EXISTS {PUBLICATION}"),
             )
             .await;
+    }
+
+    /// `verify` and `verify-drift`: each tool on the identical copy and on the drifted one
+    /// every repetition (identical first on odd repetitions, drift first on even ones).
+    async fn verify_scenario(&self, reps: usize, scale: u32, samples: &mut Vec<Sample>) {
+        let setup = match Box::pin(self.verify_setup(scale)).await {
+            Ok(setup) => setup,
+            Err(e) => {
+                for rep in 1..=reps {
+                    for scenario in [VERIFY, VERIFY_DRIFT] {
+                        push(
+                            samples,
+                            scenario,
+                            OURS,
+                            Kind::Ours,
+                            rep,
+                            "rows",
+                            Err(anyhow!("verify setup: {e:#}")),
+                        );
+                    }
+                }
+                self.verify_cleanup(scale).await;
+                return;
+            }
+        };
+        let identical = Drift::default();
+        let mut tools: Vec<(&'static str, Kind)> = vec![
+            (OURS, Kind::Ours),
+            (RELADIFF, Kind::Peer),
+            (FLOOR_HASH, Kind::Floor),
+        ];
+        for rep in 1..=reps {
+            let mut phases = [
+                (VERIFY, VERIFY_SAME_DB, &setup.same_job, &identical),
+                (
+                    VERIFY_DRIFT,
+                    VERIFY_DRIFT_DB,
+                    &setup.drift_job,
+                    &setup.drift,
+                ),
+            ];
+            if rep % 2 == 0 {
+                phases.reverse();
+            }
+            for (scenario, db, job, expected) in phases {
+                for &(tool, kind) in &tools {
+                    if tool == RELADIFF && self.reladiff.is_none() {
+                        push(
+                            samples,
+                            scenario,
+                            tool,
+                            kind,
+                            rep,
+                            "rows",
+                            Ok(skipped(
+                                "reladiff is not installed (pip install 'reladiff[postgresql]')",
+                            )),
+                        );
+                        continue;
+                    }
+                    if let Err(e) = self.quiesce().await {
+                        eprintln!("cutover-bench: checkpoint before {tool} failed: {e:#}");
+                    }
+                    let result = match tool {
+                        OURS => Box::pin(self.verify_ours(job, expected, setup.rows)).await,
+                        RELADIFF => {
+                            Box::pin(self.verify_reladiff(
+                                &setup.source_db,
+                                db,
+                                expected,
+                                setup.rows,
+                            ))
+                            .await
+                        }
+                        _ => Box::pin(self.verify_floor(&setup.source_db, db, setup.rows)).await,
+                    };
+                    push(samples, scenario, tool, kind, rep, "rows", result);
+                }
+            }
+            tools.rotate_left(1);
+        }
+        self.verify_cleanup(scale).await;
     }
 
     // ----- copy tools -----
@@ -1056,6 +1202,392 @@ impl Bench {
         result
     }
 
+    // ----- verify tools -----
+
+    /// The verify scenarios' databases: the source `pgbench_accounts` (at `scale`), an
+    /// identical copy on the target, a second copy with the drift planted, and a job file
+    /// for each pair. Untimed; ends with the copy checked identical by count and row hashes
+    /// (which also brings all three tables into the cache).
+    async fn verify_setup(&self, scale: u32) -> Result<VerifySetup> {
+        let source_db = if scale == self.scale {
+            SOURCE_DB
+        } else {
+            VERIFY_SOURCE_DB
+        };
+        if source_db != SOURCE_DB {
+            eprintln!("cutover-bench: pgbench -i -s {scale} (verify source)");
+            self.src
+                .execute(
+                    "postgres",
+                    &format!("DROP DATABASE IF EXISTS {VERIFY_SOURCE_DB} WITH (FORCE)"),
+                )
+                .await?;
+            self.src.create_database(VERIFY_SOURCE_DB).await?;
+            let mut init = self.tool("pgbench");
+            init.args(["-i", "-q", "-s", &scale.to_string()])
+                .args(self.src_conn_args())
+                .arg(VERIFY_SOURCE_DB);
+            run(init, "pgbench -i (verify source)").await?;
+        }
+        eprintln!(
+            "cutover-bench: verify setup: {VERIFY_TABLE} copied into {VERIFY_SAME_DB} and {VERIFY_DRIFT_DB}, drift planted in {VERIFY_DRIFT_DB}"
+        );
+        self.fresh_db(VERIFY_SAME_DB, None).await?;
+        let table_arg = format!("public.{VERIFY_TABLE}");
+        let src_url = self.src.url(source_db);
+        self.pipe(
+            |c| {
+                c.args(["-t", &table_arg, "-d", &src_url]);
+            },
+            "pg_dump",
+            &[
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                &self.dst.url(VERIFY_SAME_DB),
+            ],
+            &self.work.path().join("verify-copy.log"),
+        )
+        .await?;
+        self.dst
+            .execute(
+                "postgres",
+                &format!("DROP DATABASE IF EXISTS {VERIFY_DRIFT_DB} WITH (FORCE)"),
+            )
+            .await?;
+        self.dst
+            .execute(
+                "postgres",
+                &format!("CREATE DATABASE {VERIFY_DRIFT_DB} TEMPLATE {VERIFY_SAME_DB}"),
+            )
+            .await?;
+
+        let source = self.src.connect(source_db).await?;
+        let row = source
+            .query_one(
+                &format!("SELECT count(*), coalesce(max(aid), 0)::int8 FROM public.{VERIFY_TABLE}"),
+                &[],
+            )
+            .await?;
+        let (rows, max_aid): (i64, i64) = (row.get(0), row.get(1));
+        let drift = Drift::plan(max_aid)?;
+        let target = self.dst.connect(VERIFY_DRIFT_DB).await?;
+        let keys = |set: &BTreeSet<i64>| set.iter().copied().collect::<Vec<i64>>();
+        let planted = [
+            (
+                format!(
+                    "UPDATE public.{VERIFY_TABLE} SET abalance = abalance + 1 WHERE aid = ANY($1::int8[])"
+                ),
+                keys(&drift.different),
+            ),
+            (
+                format!("DELETE FROM public.{VERIFY_TABLE} WHERE aid = ANY($1::int8[])"),
+                keys(&drift.missing),
+            ),
+            (
+                format!(
+                    "INSERT INTO public.{VERIFY_TABLE} (aid, bid, abalance, filler) \
+                     SELECT k, 1, 0, 'planted by cutover-bench' FROM unnest($1::int8[]) k"
+                ),
+                keys(&drift.extra),
+            ),
+        ];
+        for (sql, keys) in &planted {
+            let n = target
+                .execute(sql.as_str(), &[keys])
+                .await
+                .with_context(|| format!("plant the drift: {sql}"))?;
+            if n != keys.len() as u64 {
+                bail!(
+                    "plant the drift: {sql} touched {n} rows, not {}",
+                    keys.len()
+                );
+            }
+        }
+        drop(target);
+        for db in [VERIFY_SAME_DB, VERIFY_DRIFT_DB] {
+            self.dst.execute(db, "VACUUM ANALYZE").await?;
+        }
+        if source_db != SOURCE_DB {
+            self.src.execute(source_db, "VACUUM ANALYZE").await?;
+        }
+
+        let sql = format!(
+            "SELECT count(*), coalesce(sum(hashtext(t::text)::bigint), 0)::text FROM public.{VERIFY_TABLE} t"
+        );
+        let (same, drifted) = tokio::try_join!(
+            self.dst.connect(VERIFY_SAME_DB),
+            self.dst.connect(VERIFY_DRIFT_DB)
+        )?;
+        let (a, b, c) = tokio::join!(
+            source.query_one(&sql, &[]),
+            same.query_one(&sql, &[]),
+            drifted.query_one(&sql, &[])
+        );
+        let digest = |r: tokio_postgres::Row| (r.get::<_, i64>(0), r.get::<_, String>(1));
+        let (a, b, c) = (digest(a?), digest(b?), digest(c?));
+        if a != b {
+            bail!("the copy in {VERIFY_SAME_DB} is not identical to the source: {a:?} vs {b:?}");
+        }
+        if a == c {
+            bail!("the drift planted in {VERIFY_DRIFT_DB} does not show in count or row hashes");
+        }
+        Ok(VerifySetup {
+            same_job: self.write_verify_job("bverify-same", source_db, VERIFY_SAME_DB)?,
+            drift_job: self.write_verify_job("bverify-drift", source_db, VERIFY_DRIFT_DB)?,
+            source_db: source_db.to_owned(),
+            rows: u64::try_from(rows).unwrap_or(0),
+            drift,
+        })
+    }
+
+    async fn verify_cleanup(&self, scale: u32) {
+        self.drop_db(VERIFY_SAME_DB).await;
+        self.drop_db(VERIFY_DRIFT_DB).await;
+        if scale != self.scale
+            && let Err(e) = self
+                .src
+                .execute(
+                    "postgres",
+                    &format!("DROP DATABASE IF EXISTS {VERIFY_SOURCE_DB} WITH (FORCE)"),
+                )
+                .await
+        {
+            eprintln!("cutover-bench: drop database {VERIFY_SOURCE_DB}: {e:#}");
+        }
+    }
+
+    /// `cutover verify JOB.toml --json` with no daemon running: it compares the databases as
+    /// they stand. Gate: its exit code, `equal` and the listed keys against the planted drift.
+    async fn verify_ours(&self, job: &Path, expected: &Drift, rows: u64) -> Result<Measured> {
+        let mut cmd = Command::new(&self.cutover_bin);
+        self.prepare(&mut cmd);
+        cmd.arg("verify").arg(job).arg("--json");
+        let cpu0 = self.cpu();
+        let t0 = Instant::now();
+        let out = tokio::time::timeout(RUN_TIMEOUT, cmd.output())
+            .await
+            .map_err(|_| anyhow!("cutover verify did not finish in {RUN_TIMEOUT:?}"))?
+            .context("spawn cutover verify")?;
+        let wall = t0.elapsed().as_secs_f64();
+        let cpu = self.cpu_settled().await.since(cpu0);
+        let code = out.status.code();
+        if !matches!(code, Some(0 | 1)) {
+            bail!(
+                "cutover verify failed ({}): {}",
+                out.status,
+                last_lines(&String::from_utf8_lossy(&out.stderr), 8)
+            );
+        }
+        let report: cutover_verifier::report::VerifyReport = serde_json::from_slice(&out.stdout)
+            .with_context(|| {
+                format!(
+                    "cutover verify --json printed no report: {}",
+                    last_lines(&String::from_utf8_lossy(&out.stdout), 4)
+                )
+            })?;
+        let name = format!("public.{VERIFY_TABLE}");
+        let table = report
+            .tables
+            .iter()
+            .find(|t| t.source == name)
+            .ok_or_else(|| anyhow!("cutover verify --json has no entry for {name}"))?;
+        let mut found = Found::default();
+        for d in &table.differences {
+            let key = d
+                .key
+                .0
+                .first()
+                .and_then(|(_, v)| v.as_deref())
+                .and_then(|v| v.parse::<i64>().ok())
+                .ok_or_else(|| anyhow!("a difference without an integer aid: {:?}", d.key))?;
+            use cutover_verifier::report::DifferenceKind;
+            match d.kind {
+                DifferenceKind::Different => found.different.insert(key),
+                DifferenceKind::Missing => found.missing.insert(key),
+                DifferenceKind::Extra => found.extra.insert(key),
+            };
+        }
+        let mut problems = expected.judge(&found);
+        let want_equal = expected.total() == 0;
+        if report.equal != want_equal || table.equal != want_equal {
+            problems.push(format!(
+                "equal: {} (table: {}), expected {want_equal}",
+                report.equal, table.equal
+            ));
+        }
+        if code != Some(if want_equal { 0 } else { 1 }) {
+            problems.push(format!("exit code {code:?}"));
+        }
+        if table.differences_total != expected.total() as u64
+            || table.differences.len() != expected.total()
+        {
+            problems.push(format!(
+                "differences_total {}, {} listed, expected {}",
+                table.differences_total,
+                table.differences.len(),
+                expected.total()
+            ));
+        }
+        if want_equal && table.rows_compared != rows {
+            problems.push(format!(
+                "rows_compared {}, the source has {rows}",
+                table.rows_compared
+            ));
+        }
+        Ok(Measured {
+            wall,
+            cpu,
+            units: rows as f64,
+            check: check_of(problems),
+            note: format!(
+                "no daemon (compared as the databases stand); {} rows compared, {} differences ({}); wall includes process start",
+                table.rows_compared,
+                table.differences_total,
+                found.describe()
+            ),
+            applied: None,
+        })
+    }
+
+    /// `reladiff` on the same pair of tables, keyed by `aid`, every column compared. Gate: its
+    /// `-`/`+` rows, by distinct key, against the planted drift.
+    async fn verify_reladiff(
+        &self,
+        source_db: &str,
+        target_db: &str,
+        expected: &Drift,
+        rows: u64,
+    ) -> Result<Measured> {
+        let Some(reladiff) = &self.reladiff else {
+            return Ok(skipped("reladiff is not installed"));
+        };
+        let mut cmd = Command::new(reladiff);
+        self.prepare(&mut cmd);
+        cmd.arg(self.src.url(source_db))
+            .arg(VERIFY_TABLE)
+            .arg(self.dst.url(target_db))
+            .arg(VERIFY_TABLE)
+            .args(reladiff_options());
+        let cpu0 = self.cpu();
+        let t0 = Instant::now();
+        let out = tokio::time::timeout(RUN_TIMEOUT, cmd.output())
+            .await
+            .map_err(|_| anyhow!("reladiff did not finish in {RUN_TIMEOUT:?}"))?
+            .context("spawn reladiff")?;
+        let wall = t0.elapsed().as_secs_f64();
+        let cpu = self.cpu_settled().await.since(cpu0);
+        if !out.status.success() {
+            bail!(
+                "reladiff failed ({}): {}",
+                out.status,
+                last_lines(&String::from_utf8_lossy(&out.stderr), 8)
+            );
+        }
+        // One JSON array a line: ["-" or "+", [aid, other columns...]]; "-" is a row only
+        // in the first (source) table, "+" one only in the second (target).
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let mut signs: BTreeMap<i64, (bool, bool)> = BTreeMap::new();
+        let mut lines = 0usize;
+        for line in stdout.lines().filter(|l| !l.trim().is_empty()) {
+            lines += 1;
+            let v: serde_json::Value = serde_json::from_str(line)
+                .with_context(|| format!("reladiff printed a line that is not JSON: {line}"))?;
+            let key = match &v[1][0] {
+                serde_json::Value::String(s) => s.parse::<i64>().ok(),
+                serde_json::Value::Number(n) => n.as_i64(),
+                _ => None,
+            }
+            .ok_or_else(|| anyhow!("reladiff printed a row without an integer aid: {line}"))?;
+            let entry = signs.entry(key).or_default();
+            match v[0].as_str() {
+                Some("-") => entry.0 = true,
+                Some("+") => entry.1 = true,
+                _ => bail!("reladiff printed a row that is neither - nor +: {line}"),
+            }
+        }
+        let mut found = Found::default();
+        for (key, pair) in signs {
+            match pair {
+                (true, true) => found.different.insert(key),
+                (true, false) => found.missing.insert(key),
+                _ => found.extra.insert(key),
+            };
+        }
+        Ok(Measured {
+            wall,
+            cpu,
+            units: rows as f64,
+            check: check_of(expected.judge(&found)),
+            note: format!(
+                "reladiff {} (hashdiff across two databases); {lines} -/+ rows = {} keys ({}); wall includes Python start",
+                reladiff_options().join(" "),
+                found.total(),
+                found.describe()
+            ),
+            applied: None,
+        })
+    }
+
+    /// The floor: both tables streamed in key order (`COPY (SELECT * ... ORDER BY aid) TO
+    /// STDOUT` through tokio-postgres), both sides in parallel, every byte into blake3.
+    /// Nothing is compared but the final digests (noted, not gated). Its CPU is this
+    /// program's own.
+    async fn verify_floor(&self, source_db: &str, target_db: &str, rows: u64) -> Result<Measured> {
+        let (source, target) =
+            tokio::try_join!(self.src.connect(source_db), self.dst.connect(target_db))?;
+        let sql = format!("COPY (SELECT * FROM public.{VERIFY_TABLE} ORDER BY aid) TO STDOUT");
+        let cpu0 = self.cpu();
+        let t0 = Instant::now();
+        let a = tokio::spawn(hash_copy_out(source, sql.clone()));
+        let b = tokio::spawn(hash_copy_out(target, sql));
+        let (a, b) = tokio::time::timeout(RUN_TIMEOUT, async { tokio::join!(a, b) })
+            .await
+            .map_err(|_| anyhow!("the hash floor did not finish in {RUN_TIMEOUT:?}"))?;
+        let (a, b) = (a??, b??);
+        let wall = t0.elapsed().as_secs_f64();
+        let end = self.cpu_settled().await;
+        let mut cpu = end.since(cpu0);
+        cpu.tool = end.own - cpu0.own;
+        Ok(Measured {
+            wall,
+            cpu,
+            units: rows as f64,
+            check: Check::NotApplicable,
+            note: format!(
+                "{:.1} + {:.1} MB of COPY text hashed, digests {}; in-process, its CPU is this program's",
+                a.0 as f64 / 1e6,
+                b.0 as f64 / 1e6,
+                if a.1 == b.1 { "equal" } else { "differ" }
+            ),
+            applied: None,
+        })
+    }
+
+    /// A job file comparing `public.pgbench_accounts` of `source_db` with `target_db`'s.
+    fn write_verify_job(&self, name: &str, source_db: &str, target_db: &str) -> Result<PathBuf> {
+        let dir = self.work.path().join(name);
+        std::fs::create_dir_all(&dir)?;
+        // Nothing listens there: `cutover verify` finds no daemon and compares by itself.
+        let port = std::net::TcpListener::bind((cutover::cluster::HOST, 0))?
+            .local_addr()?
+            .port();
+        let text = format!(
+            "name = \"{name}\"\ndata_dir = \"{}\"\n\n[source]\nurl = \"{}\"\n\n[target]\nurl = \"{}\"\n\n\
+             [[table]]\nsource = \"public.{VERIFY_TABLE}\"\n\n[verify]\nevery = \"0\"\n\n\
+             [api]\nlisten = \"{}:{port}\"\n",
+            dir.join("data").display(),
+            self.src.url(source_db),
+            self.dst.url(target_db),
+            cutover::cluster::HOST
+        );
+        let path = dir.join("job.toml");
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
     // ----- helpers -----
 
     /// After `cutover run` stopped the clock: the correctness gate with the daemon still
@@ -1452,6 +1984,143 @@ impl Backlog {
     }
 }
 
+/// The verify scenarios' fixtures.
+struct VerifySetup {
+    source_db: String,
+    rows: u64,
+    drift: Drift,
+    same_job: PathBuf,
+    drift_job: PathBuf,
+}
+
+/// The differences planted on the target, by key (all empty: identical tables).
+#[derive(Clone, Debug, Default)]
+struct Drift {
+    /// `abalance` updated on the target.
+    different: BTreeSet<i64>,
+    /// Deleted on the target: on the source only.
+    missing: BTreeSet<i64>,
+    /// Inserted on the target (new keys): on the target only.
+    extra: BTreeSet<i64>,
+}
+
+/// What a verifier reported, by key.
+type Found = Drift;
+
+impl Drift {
+    /// 100 updates, 3 deletes and 2 inserts on distinct keys spread over `1..=max_aid`:
+    /// updates at `i * step + 7`, deletes at `i * step + 3` (first, middle, last step),
+    /// inserts right after `max_aid`.
+    fn plan(max_aid: i64) -> Result<Drift> {
+        let step = max_aid / DRIFT_UPDATES;
+        if step < 10 {
+            bail!("{VERIFY_TABLE} has {max_aid} keys, too few to plant the drift");
+        }
+        Ok(Drift {
+            different: (0..DRIFT_UPDATES).map(|i| i * step + 7).collect(),
+            missing: (0..DRIFT_DELETES)
+                .map(|i| i * (DRIFT_UPDATES - 1) / (DRIFT_DELETES - 1) * step + 3)
+                .collect(),
+            extra: (1..=DRIFT_INSERTS).map(|i| max_aid + i).collect(),
+        })
+    }
+
+    fn total(&self) -> usize {
+        self.different.len() + self.missing.len() + self.extra.len()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} different, {} missing, {} extra",
+            self.different.len(),
+            self.missing.len(),
+            self.extra.len()
+        )
+    }
+
+    /// How `found` departs from this planted drift: nothing when the same keys are named
+    /// with the same kinds.
+    fn judge(&self, found: &Found) -> Vec<String> {
+        let mut problems = Vec::new();
+        for (kind, want, got) in [
+            ("different", &self.different, &found.different),
+            ("missing", &self.missing, &found.missing),
+            ("extra", &self.extra, &found.extra),
+        ] {
+            if want != got {
+                let unexpected: Vec<String> =
+                    got.difference(want).take(5).map(i64::to_string).collect();
+                let unreported: Vec<String> =
+                    want.difference(got).take(5).map(i64::to_string).collect();
+                problems.push(format!(
+                    "{kind}: {} reported, {} planted (unexpected aids {}; not reported {})",
+                    got.len(),
+                    want.len(),
+                    if unexpected.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        unexpected.join(",")
+                    },
+                    if unreported.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        unreported.join(",")
+                    },
+                ));
+            }
+        }
+        problems
+    }
+}
+
+fn check_of(problems: Vec<String>) -> Check {
+    if problems.is_empty() {
+        Check::Pass
+    } else {
+        Check::Fail(problems.join("; "))
+    }
+}
+
+/// reladiff's options after the two `database table` pairs.
+fn reladiff_options() -> [&'static str; 12] {
+    [
+        "-k",
+        "aid",
+        "-c",
+        "bid",
+        "-c",
+        "abalance",
+        "-c",
+        "filler",
+        "-j",
+        RELADIFF_THREADS,
+        "--assume-unique-key",
+        "--json",
+    ]
+}
+
+/// Streams one `COPY ... TO STDOUT` into blake3 (in 64 KiB slices, so blake3 can use its
+/// SIMD paths): the bytes read and the digest.
+async fn hash_copy_out(client: tokio_postgres::Client, sql: String) -> Result<(u64, [u8; 32])> {
+    use futures_util::StreamExt as _;
+    let stream = client.copy_out(sql.as_str()).await?;
+    let mut stream = std::pin::pin!(stream);
+    let mut hasher = cutover_verifier::canonical::domain_hasher(b"cutover-bench hash floor");
+    let mut buf: Vec<u8> = Vec::with_capacity(1 << 16);
+    let mut bytes = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        bytes += chunk.len() as u64;
+        buf.extend_from_slice(&chunk);
+        if buf.len() >= 1 << 16 {
+            hasher.update(&buf);
+            buf.clear();
+        }
+    }
+    hasher.update(&buf);
+    Ok((bytes, *hasher.finalize().as_bytes()))
+}
+
 fn skipped(why: &str) -> Measured {
     Measured {
         wall: 0.0,
@@ -1720,6 +2389,27 @@ fn find_in_path(path: &OsString, name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// A pyenv shim (a shell script that looks up the version, then runs the real program)
+/// resolved to the program it runs, so its start-up is not timed; other paths as they are.
+fn resolve_pyenv_shim(path: PathBuf) -> PathBuf {
+    let in_shims = path
+        .parent()
+        .is_some_and(|d| d.ends_with("shims") && d.to_string_lossy().contains("pyenv"));
+    let Some(name) = path.file_name().filter(|_| in_shims) else {
+        return path;
+    };
+    std::process::Command::new("pyenv")
+        .arg("which")
+        .arg(name)
+        .stdin(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()))
+        .filter(|p| p.is_file())
+        .unwrap_or(path)
+}
+
 fn last_lines(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     lines[lines.len().saturating_sub(n)..].join(" | ")
@@ -1932,13 +2622,40 @@ fn render(samples: &[Sample], env: &EnvInfo, args: &Args, elapsed: Duration) -> 
         "- dataset: pgbench scale {} ({} rows in 4 tables, database {}); {} reps, tool order rotated each rep; catch-up backlog `pgbench -c 4 -j 2 -T {} -n`",
         args.scale, env.source_rows, env.source_size, args.reps, args.backlog_secs
     );
+    let verify_rows = samples
+        .iter()
+        .filter(|s| s.scenario == VERIFY || s.scenario == VERIFY_DRIFT)
+        .map(|s| s.units)
+        .fold(0.0, f64::max);
+    let verify_ran = samples
+        .iter()
+        .any(|s| s.scenario == VERIFY || s.scenario == VERIFY_DRIFT);
+    if verify_ran {
+        let _ = writeln!(
+            md,
+            "- verify: `{VERIFY_TABLE}` at pgbench scale {} ({} rows) against a `pg_dump -t | psql` copy on the target; verify-drift against a second copy with {DRIFT_UPDATES} `abalance` updates, {DRIFT_DELETES} deletes and {DRIFT_INSERTS} inserts planted on the target; each tool runs on both every rep",
+            args.verify_scale.unwrap_or(args.scale),
+            verify_rows
+        );
+    }
     let _ = writeln!(
         md,
-        "- peers: pg_dump/psql {}; pgcopydb {}; cutover at {}",
+        "- peers: pg_dump/psql {}; pgcopydb {}{}; cutover at {}",
         env.pg_version,
         env.pgcopydb
             .as_deref()
             .unwrap_or("NOT INSTALLED (its rows are marked skipped)"),
+        if verify_ran {
+            format!(
+                "; reladiff {} (`{}`)",
+                env.reladiff
+                    .as_deref()
+                    .unwrap_or("NOT INSTALLED (its rows are marked skipped)"),
+                reladiff_options().join(" ")
+            )
+        } else {
+            String::new()
+        },
         env.commit
     );
     let _ = writeln!(
@@ -2151,6 +2868,7 @@ fn render(samples: &[Sample], env: &EnvInfo, args: &Args, elapsed: Duration) -> 
             }
         }
     }
+    render_verify_ratios(&mut md, &summaries);
     let problems: Vec<String> = summaries
         .iter()
         .flat_map(|s| {
@@ -2166,6 +2884,99 @@ fn render(samples: &[Sample], env: &EnvInfo, args: &Args, elapsed: Duration) -> 
         }
     }
     md
+}
+
+/// The verify headlines: cutover against the floor and reladiff on identical tables and on
+/// the drift, and what the drift costs cutover, each beside its goal.
+fn render_verify_ratios(md: &mut String, summaries: &[Summary]) {
+    let find = |scenario: &str, tool: &str| {
+        summaries
+            .iter()
+            .find(|s| s.scenario == scenario && s.tool == tool && s.n_ok > 0 && s.rate > 0.0)
+    };
+    // Time per row of `num` over time per row of `den` (below 1 = `num` is faster).
+    let time_ratio = |num: Option<&Summary>, den: Option<&Summary>| match (num, den) {
+        (Some(n), Some(d)) => Some(d.rate / n.rate),
+        _ => None,
+    };
+    let shown = |r: Option<f64>| {
+        r.map_or("— (missing or failed run)".to_owned(), |r| {
+            format!("{r:.2}×")
+        })
+    };
+    let verdict = |met: Option<bool>| match met {
+        Some(true) => "met",
+        Some(false) => "NOT met",
+        None => "not measured",
+    };
+    let identical = find(VERIFY, OURS);
+    for scenario in [VERIFY, VERIFY_DRIFT] {
+        if !summaries.iter().any(|s| s.scenario == scenario) {
+            continue;
+        }
+        let ours = find(scenario, OURS);
+        let peer = find(scenario, RELADIFF);
+        let floor = find(scenario, FLOOR_HASH);
+        let vs_floor = time_ratio(ours, floor);
+        let vs_peer = time_ratio(ours, peer);
+        let faster = vs_peer.map(|r| 1.0 / r);
+        let _ = writeln!(
+            md,
+            "- **{scenario}** ({}): cutover / floor = **{}** (goal ≤ {GOAL_VERIFY_FLOOR:.1}×: {}); cutover / reladiff = **{}**, i.e. cutover {} (goal at least {GOAL_VERIFY_VS_RELADIFF:.0}× faster: {}); reladiff / floor = {}",
+            if scenario == VERIFY {
+                "identical tables".to_owned()
+            } else {
+                format!(
+                    "{} planted differences",
+                    DRIFT_UPDATES + DRIFT_DELETES + DRIFT_INSERTS
+                )
+            },
+            shown(vs_floor),
+            verdict(vs_floor.map(|r| r <= GOAL_VERIFY_FLOOR)),
+            shown(vs_peer),
+            faster.map_or("—".to_owned(), |f| if f >= 1.0 {
+                format!("{f:.2}× faster")
+            } else {
+                format!("{:.2}× slower", 1.0 / f)
+            }),
+            verdict(faster.map(|f| f >= GOAL_VERIFY_VS_RELADIFF)),
+            shown(time_ratio(peer, floor))
+        );
+        if scenario == VERIFY_DRIFT {
+            let drift_cost = time_ratio(ours, identical);
+            let _ = writeln!(
+                md,
+                "  - cutover drift / cutover identical = **{}** (goal ≤ {GOAL_DRIFT_VS_IDENTICAL:.1}×: {}); reladiff drift / reladiff identical = {}",
+                shown(drift_cost),
+                verdict(drift_cost.map(|r| r <= GOAL_DRIFT_VS_IDENTICAL)),
+                shown(time_ratio(peer, find(VERIFY, RELADIFF)))
+            );
+        }
+        let total = |s: &Summary| s.tool_cpu + s.src_cpu + s.dst_cpu;
+        if let Some(o) = ours {
+            let mut line = format!(
+                "  - CPU s (tool / source / target): cutover {:.2} / {:.2} / {:.2}",
+                o.tool_cpu, o.src_cpu, o.dst_cpu
+            );
+            for other in [peer, floor].into_iter().flatten() {
+                let _ = write!(
+                    line,
+                    "; {} {:.2} / {:.2} / {:.2}",
+                    other.tool, other.tool_cpu, other.src_cpu, other.dst_cpu
+                );
+            }
+            if let Some(p) = peer
+                && total(p) > 0.0
+            {
+                let _ = write!(
+                    line,
+                    "; total CPU cutover / reladiff = {:.2}×",
+                    total(o) / total(p)
+                );
+            }
+            let _ = writeln!(md, "{line}");
+        }
+    }
 }
 
 fn md_cell(text: &str) -> String {
