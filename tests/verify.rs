@@ -12,6 +12,7 @@ CREATE TABLE public.acc (id int PRIMARY KEY, owner text, note text);
 CREATE TABLE public.names (k text PRIMARY KEY, v int);
 CREATE TABLE public.bag (v int, w text);
 ALTER TABLE public.bag REPLICA IDENTITY FULL;
+CREATE TABLE public.num (id int PRIMARY KEY, x float8, y numeric);
 "#;
 
 fn verify(job: &Job) -> (Option<i32>, serde_json::Value) {
@@ -38,7 +39,8 @@ async fn verify_reports_exactly_the_corrupted_keys() {
         "db",
         "INSERT INTO acc SELECT g, 'o' || g, CASE WHEN g = 9 THEN '' WHEN g = 11 THEN 'NULL' ELSE NULL END FROM generate_series(1, 30000) g;
          INSERT INTO names VALUES ('a', 1), ('B', 2), ('c', 3), ('Ä', 4), ('10', 5), ('9', 6);
-         INSERT INTO bag VALUES (1, 'x'), (1, 'x'), (2, NULL);",
+         INSERT INTO bag VALUES (1, 'x'), (1, 'x'), (2, NULL);
+         INSERT INTO num VALUES (1, '-0', 1.0), (2, 'NaN', 2), (3, 0, 3.10);",
     )
     .await
     .unwrap();
@@ -49,14 +51,15 @@ async fn verify_reports_exactly_the_corrupted_keys() {
         .await;
     let s = src.connect("db").await.unwrap();
     let d = dst.connect("db").await.unwrap();
-    for t in ["public.acc", "public.names", "public.bag"] {
+    for t in ["public.acc", "public.names", "public.bag", "public.num"] {
         wait_equal(&s, &d, t, t, Duration::from_secs(60), Some(&daemon)).await;
     }
-    assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
 
+    // With the daemon running, the passes are anchored at a source LSN.
     let (code, doc) = verify(&job);
     assert_eq!(code, Some(0), "{doc}");
     assert_eq!(doc["equal"], true);
+    assert!(doc["lsn"].is_string(), "anchored: {doc}");
     assert_eq!(table(&doc, "public.acc")["rows_compared"], 30000);
 
     // Corrupt the target behind the job's back: the traps of hard cases 23-24.
@@ -69,7 +72,9 @@ async fn verify_reports_exactly_the_corrupted_keys() {
          UPDATE acc SET note = NULL WHERE id = 11;         -- 'NULL' becomes NULL
          UPDATE acc SET owner = 'o2', note = '0' WHERE id = 20;   -- ('o20', NULL) vs ('o2', '0')
          UPDATE names SET v = 20 WHERE k = 'B';
-         INSERT INTO bag VALUES (1, 'x');",
+         INSERT INTO bag VALUES (1, 'x');
+         UPDATE num SET x = 0 WHERE id = 1;                -- -0 becomes 0
+         UPDATE num SET y = 3.1 WHERE id = 3;              -- 3.10 becomes 3.1",
     )
     .await
     .unwrap();
@@ -110,6 +115,25 @@ async fn verify_reports_exactly_the_corrupted_keys() {
     let bag = table(&doc, "public.bag");
     assert_eq!(bag["differences_total"], 1, "{bag}");
     assert_eq!(bag["differences"][0]["kind"], "extra");
+    let num = table(&doc, "public.num");
+    assert_eq!(num["differences_total"], 2, "{num}");
+    assert_eq!(num["differences"][0]["key"]["id"], "1", "{num}");
+    assert_eq!(num["differences"][0]["columns"][0], "x", "{num}");
+    assert_eq!(num["differences"][1]["key"]["id"], "3", "{num}");
+    assert!(doc["lsn"].is_string(), "anchored: {doc}");
+
+    // Without a daemon, the databases are compared as they stand, with the same result.
+    assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
+    let (code, live) = verify(&job);
+    assert_eq!(code, Some(1), "{live}");
+    assert!(live["lsn"].is_null(), "{live}");
+    for t in ["public.acc", "public.names", "public.bag", "public.num"] {
+        assert_eq!(
+            table(&live, t)["differences"],
+            table(&doc, t)["differences"],
+            "{t}"
+        );
+    }
 
     // --table limits the pass; the text form says what differs.
     let out = std::process::Command::new(bin())
