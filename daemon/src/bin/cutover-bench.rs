@@ -1,7 +1,8 @@
 //! `cutover-bench`: `cutover` and its peers side by side, in one run, on one pair of
 //! throwaway clusters, reported as ratios (docs/benchmarks.md describes the method).
 //!
-//! Three scenarios, each repeated `--reps` times with the tool order rotated every repetition:
+//! Three scenarios by default, each repeated `--reps` times with the tool order rotated every
+//! repetition, and a fourth on request (`--only verify-load`):
 //!
 //! * `copy`: the pgbench tables at `--scale` copied into a fresh target database by
 //!   `cutover run` (until every table is `snapshot_done`), `pg_dump --data-only | psql`,
@@ -29,6 +30,17 @@
 //!   `abalance` updates, 3 deletes and 2 inserts of new keys, on distinct keys spread over
 //!   the table. Floor: `COPY (SELECT * ... ORDER BY aid) TO STDOUT` from both databases in
 //!   parallel through tokio-postgres `copy_out`, every byte fed to blake3, nothing compared.
+//! * `verify-load` (not in the default set): what continuous verification costs the source
+//!   under load. One cutover job (copied once, then streaming) carries the pgbench tables into
+//!   a target; each variant restarts its daemon with the job file rewritten (same slot, it
+//!   resumes) and runs `pgbench -c 4 -j 2 -T <load-secs> -n` on the source while it streams:
+//!   `sync only` with `[verify] every = "0"`, `sync + continuous verify` with `every = "1s"`
+//!   and `max_rows_per_second = <load-verify-rows-per-second>` (default 200000, the daemon's
+//!   default), so a full pass is due a second after the previous one finished, all through
+//!   the load. The figure is pgbench's tps (without initial connection time); the headline
+//!   is the ratio of the two. Passes finished during the load are counted from the daemon's
+//!   log (and its status), the daemon's CPU is read from `/proc/<pid>/stat` (it runs
+//!   throughout), and the gate runs once the job has caught up with the end of the load.
 //!
 //! Every timed run of copy and catch-up (floors that write a target too) is gated by
 //! comparing every pgbench table on both sides with `count(*)` and `sum(hashtext(t::text))`;
@@ -110,6 +122,21 @@ const RELADIFF_THREADS: &str = "2";
 const GOAL_VERIFY_FLOOR: f64 = 1.3;
 const GOAL_VERIFY_VS_RELADIFF: f64 = 3.0;
 const GOAL_DRIFT_VS_IDENTICAL: f64 = 1.5;
+/// The source under load while the job streams, without and with continuous verification.
+const VERIFY_LOAD: &str = "verify-load";
+const SYNC_ONLY: &str = "sync only";
+const SYNC_VERIFY: &str = "sync + continuous verify";
+/// The verify-load job, its slot (`cutover_<name>`) and its target database.
+const LOAD_JOB: &str = "bload";
+const LOAD_SLOT: &str = "cutover_bload";
+const LOAD_DB: &str = "verify_load";
+/// `[verify] every` of the verifying variant: a pass is due a second after the last one
+/// finished, so passes follow each other through the load.
+const LOAD_PASS_EVERY: &str = "1s";
+/// How often the status and the source's verify connections are sampled during the load.
+const LOAD_SAMPLE_EVERY: Duration = Duration::from_millis(250);
+/// Goal: source throughput with continuous verification / without.
+const GOAL_LOAD_RATIO: f64 = 0.90;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -124,7 +151,9 @@ struct Args {
     #[arg(long, default_value_t = 3)]
     reps: usize,
     /// Scenarios to run, comma-separated: copy, catchup (catchup includes `cutover, mapped`),
-    /// verify (identical tables and planted drift).
+    /// verify (identical tables and planted drift), verify-load (not in the default set:
+    /// the source's pgbench throughput while the job streams, without and with continuous
+    /// verification).
     #[arg(long, default_value = "copy,catchup,verify")]
     only: String,
     /// pgbench scale of the verify scenarios' `pgbench_accounts` (default: --scale). When it
@@ -134,6 +163,13 @@ struct Args {
     /// Seconds of pgbench load that make up each catch-up backlog.
     #[arg(long, default_value_t = 30)]
     backlog_secs: u32,
+    /// Seconds of pgbench load in each verify-load variant.
+    #[arg(long, default_value_t = 20)]
+    load_secs: u32,
+    /// `[verify] max_rows_per_second` of verify-load's verifying variant (0: no limit; the
+    /// daemon's default is 200000).
+    #[arg(long, default_value_t = 200_000)]
+    load_verify_rows_per_second: u64,
     /// The `cutover` binary (default: beside this program).
     #[arg(long)]
     cutover_bin: Option<PathBuf>,
@@ -216,6 +252,8 @@ struct Sample {
     unit: &'static str,
     check: Check,
     note: String,
+    /// verify-load only: what was observed during the load.
+    load: Option<LoadFigures>,
 }
 
 impl Sample {
@@ -321,6 +359,8 @@ struct Bench {
     schema_full: PathBuf,
     schema_pre: PathBuf,
     backlog_secs: u32,
+    load_secs: u32,
+    load_verify_rows_per_second: u64,
     source_rows: u64,
     accounts_rows: u64,
 }
@@ -345,12 +385,12 @@ async fn real_main(args: Args) -> Result<i32> {
         .filter(|s| !s.is_empty())
         .collect();
     for s in &scenarios {
-        if s != COPY && s != CATCHUP && s != VERIFY {
-            bail!("--only: unknown scenario {s:?} (use copy, catchup, verify)");
+        if s != COPY && s != CATCHUP && s != VERIFY && s != VERIFY_LOAD {
+            bail!("--only: unknown scenario {s:?} (use copy, catchup, verify, verify-load)");
         }
     }
-    if args.reps == 0 || args.scale == 0 || args.verify_scale == Some(0) {
-        bail!("--reps, --scale and --verify-scale must be 1 or more");
+    if args.reps == 0 || args.scale == 0 || args.verify_scale == Some(0) || args.load_secs == 0 {
+        bail!("--reps, --scale, --verify-scale and --load-secs must be 1 or more");
     }
     let started = Instant::now();
     let bench = Box::pin(Bench::setup(&args)).await?;
@@ -370,6 +410,9 @@ async fn real_main(args: Args) -> Result<i32> {
     if scenarios.iter().any(|s| s == VERIFY) {
         let scale = args.verify_scale.unwrap_or(args.scale);
         Box::pin(bench.verify_scenario(args.reps, scale, &mut samples)).await;
+    }
+    if scenarios.iter().any(|s| s == VERIFY_LOAD) {
+        Box::pin(bench.verify_load_scenario(args.reps, &mut samples)).await;
     }
 
     let report = render(&samples, &env, &args, started.elapsed());
@@ -460,6 +503,8 @@ impl Bench {
             schema_full,
             schema_pre,
             backlog_secs: args.backlog_secs,
+            load_secs: args.load_secs,
+            load_verify_rows_per_second: args.load_verify_rows_per_second,
             source_rows: 0,
             accounts_rows: 0,
         };
@@ -772,6 +817,45 @@ impl Bench {
             tools.rotate_left(1);
         }
         self.verify_cleanup(scale).await;
+    }
+
+    /// `verify-load`: the job copied once (untimed), then per repetition each variant with
+    /// its own daemon run over the same job (rewritten job file, same slot), in rotated order.
+    async fn verify_load_scenario(&self, reps: usize, samples: &mut Vec<Sample>) {
+        let mut tools: Vec<(&'static str, Kind)> =
+            vec![(SYNC_ONLY, Kind::Floor), (SYNC_VERIFY, Kind::Ours)];
+        if let Err(e) = Box::pin(self.verify_load_setup()).await {
+            for rep in 1..=reps {
+                for &(tool, kind) in &tools {
+                    push(
+                        samples,
+                        VERIFY_LOAD,
+                        tool,
+                        kind,
+                        rep,
+                        "txns",
+                        Err(anyhow!("verify-load setup: {e:#}")),
+                    );
+                }
+            }
+        } else {
+            for rep in 1..=reps {
+                for &(tool, kind) in &tools {
+                    let result = Box::pin(self.verify_load_run(rep, tool == SYNC_VERIFY)).await;
+                    let (result, figures) = match result {
+                        Ok((m, f)) => (Ok(m), Some(f)),
+                        Err(e) => (Err(e), None),
+                    };
+                    push(samples, VERIFY_LOAD, tool, kind, rep, "txns", result);
+                    if let Some(last) = samples.last_mut() {
+                        last.load = figures;
+                    }
+                }
+                tools.rotate_left(1);
+            }
+        }
+        self.drop_job_objects(LOAD_JOB).await;
+        self.drop_db(LOAD_DB).await;
     }
 
     // ----- copy tools -----
@@ -1588,6 +1672,273 @@ impl Bench {
         Ok(path)
     }
 
+    // ----- verify-load -----
+
+    /// The verify-load job file: `[verify]` off, or passes back to back at the configured
+    /// read cap.
+    fn write_load_job(&self, verify: bool) -> Result<(PathBuf, String)> {
+        let section = if verify {
+            format!(
+                "every = \"{LOAD_PASS_EVERY}\"\nmax_rows_per_second = {}\n",
+                self.load_verify_rows_per_second
+            )
+        } else {
+            "every = \"0\"\n".to_owned()
+        };
+        self.write_job_verifying(LOAD_JOB, LOAD_DB, false, &section)
+    }
+
+    /// A fresh target with the schema, and the job run until every table is copied and it
+    /// streams; then its daemon is stopped (each variant starts its own).
+    async fn verify_load_setup(&self) -> Result<()> {
+        eprintln!(
+            "cutover-bench: verify-load setup: job {LOAD_JOB} copying the pgbench tables into {LOAD_DB}"
+        );
+        self.fresh_db(LOAD_DB, Some(&self.schema_full)).await?;
+        let (job, api) = self.write_load_job(false)?;
+        let mut daemon = self.spawn_daemon(&job, &api, "setup.log")?;
+        let ready = wait_status(&mut daemon, RUN_TIMEOUT, |s| {
+            all_snapshot_done(s) && s["phase"] == "streaming"
+        })
+        .await;
+        terminate(daemon).await?;
+        ready?;
+        self.wait_slot_inactive(LOAD_SLOT).await
+    }
+
+    /// One variant: the daemon started on the rewritten job and settled (streaming, lag at
+    /// most a second, with verification a first pass finished), a checkpoint, then the
+    /// timed pgbench load with the status and the source's verify connections sampled; then
+    /// the wait until the job has caught up with the end of the load, the gate with the
+    /// daemon still running, and SIGTERM.
+    async fn verify_load_run(&self, rep: usize, verify: bool) -> Result<(Measured, LoadFigures)> {
+        let (job, api) = self.write_load_job(verify)?;
+        let log_name = format!("{}-{rep}.log", if verify { "verify" } else { "sync" });
+        let source = self.src.connect(SOURCE_DB).await?;
+        let mut daemon = self.spawn_daemon(&job, &api, &log_name)?;
+        let settled = async {
+            wait_status(&mut daemon, RUN_TIMEOUT, |s| {
+                all_snapshot_done(s)
+                    && s["phase"] == "streaming"
+                    && s["lag_seconds"].as_f64().is_some_and(|l| l <= 1.0)
+            })
+            .await?;
+            if verify {
+                wait_status(&mut daemon, RUN_TIMEOUT, |s| {
+                    !s["last_verification"].is_null()
+                })
+                .await
+                .context("wait for a first verification pass")?;
+            }
+            self.quiesce().await
+        }
+        .await;
+        if let Err(e) = settled {
+            let _ = terminate(daemon).await;
+            return Err(e);
+        }
+        let measured = Box::pin(self.verify_load_measure(&source, &mut daemon, verify)).await;
+        match measured {
+            Ok((mut m, figures, check)) => {
+                // The gate ran with the daemon up; its shutdown must be clean too.
+                let stopped = terminate(daemon).await;
+                if let Err(e) = stopped {
+                    m.check = Check::Error(format!("{e:#}"));
+                } else {
+                    m.check = check;
+                }
+                Ok((m, figures))
+            }
+            Err(e) => {
+                let _ = terminate(daemon).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The timed part of [`Bench::verify_load_run`]: the load, the catch-up and the gate.
+    async fn verify_load_measure(
+        &self,
+        source: &tokio_postgres::Client,
+        daemon: &mut Daemon,
+        verify: bool,
+    ) -> Result<(Measured, LoadFigures, Check)> {
+        let pid = daemon
+            .child
+            .id()
+            .ok_or_else(|| anyhow!("cutover run has no pid"))?;
+        let app = format!("cutover/{LOAD_JOB}/verify");
+        let mut watch = LoadWatch::default();
+        if let Some(s) = http_status(&daemon.api).await {
+            watch.last_finished = s["last_verification"]["finished_at"]
+                .as_str()
+                .map(str::to_owned);
+        }
+        let log_start = file_len(&daemon.log);
+        let mut cmd = self.tool("pgbench");
+        cmd.args([
+            "-c",
+            "4",
+            "-j",
+            "2",
+            "-n",
+            "-T",
+            &self.load_secs.to_string(),
+        ])
+        .args(self.src_conn_args())
+        .arg(SOURCE_DB)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        let cpu0 = self.cpu();
+        let daemon0 = process_ticks(pid);
+        let t0 = Instant::now();
+        let child = cmd.spawn().context("spawn pgbench (load)")?;
+        let mut output = std::pin::pin!(child.wait_with_output());
+        let out = loop {
+            tokio::select! {
+                out = &mut output => break out.context("pgbench (load)")?,
+                () = tokio::time::sleep(LOAD_SAMPLE_EVERY) => {}
+            }
+            if t0.elapsed() > RUN_TIMEOUT {
+                bail!("pgbench (load) did not finish in {RUN_TIMEOUT:?}");
+            }
+            watch.sample(&daemon.api, source, &app).await;
+        };
+        let load_end = Instant::now();
+        let end_status = http_status(&daemon.api).await;
+        let end_lsn: String = source
+            .query_one("SELECT pg_current_wal_lsn()::text", &[])
+            .await?
+            .get(0);
+        let log_end = file_len(&daemon.log);
+        let at_end = self.cpu_settled().await;
+        let daemon1 = process_ticks(pid);
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "pgbench (load) failed ({}): {}",
+                out.status,
+                last_lines(&String::from_utf8_lossy(&out.stderr), 8)
+            );
+        }
+        if let Some(s) = &end_status {
+            watch.observe(s);
+        }
+        let pgbench = PgbenchResult::parse(&stdout)?;
+
+        // CPU over the load: the daemon from its own /proc entry (it is not reaped yet);
+        // this program's reaped children over the window are pgbench alone.
+        let mut cpu = at_end.since(cpu0);
+        let pgbench_cpu = cpu.tool;
+        let daemon_cpu = daemon1.saturating_sub(daemon0) as f64 / self.clk_tck;
+        cpu.tool = daemon_cpu;
+        cpu.other = (cpu.other - daemon_cpu).max(0.0);
+
+        let passes = scan_pass_log(&read_range(&daemon.log, log_start, log_end));
+        let api = daemon.api.clone();
+        let drained = wait_slot_at(source, LOAD_SLOT, &end_lsn, load_end, Some(&api), || {
+            daemon_alive(daemon)
+        })
+        .await
+        .context("catch up with the end of the load")?;
+        let caught_up = drained.applied.unwrap_or(drained.connected);
+        let mut problems = Vec::new();
+        match self.gate(LOAD_DB).await? {
+            Check::Pass => {}
+            Check::Fail(d) => problems.push(d),
+            other => problems.push(other.label().to_owned()),
+        }
+        if passes.unequal > 0 {
+            problems.push(format!(
+                "{} verification passes during the load found differences: {}",
+                passes.unequal,
+                passes.differences.join(" | ")
+            ));
+        }
+        if !passes.failed.is_empty() {
+            problems.push(format!(
+                "{} verification passes failed during the load: {}",
+                passes.failed.len(),
+                passes.failed.join(" | ")
+            ));
+        }
+        if verify && passes.finished == 0 && watch.connected == 0 {
+            problems.push(
+                "no verification pass finished or was seen running on the source during the load"
+                    .to_owned(),
+            );
+        }
+        if !verify && passes.finished > 0 {
+            problems.push(format!(
+                "{} verification passes finished although [verify] every = \"0\"",
+                passes.finished
+            ));
+        }
+        let lag_end = end_status.as_ref().and_then(|s| s["lag_seconds"].as_f64());
+        let lag_end_bytes = end_status.as_ref().and_then(|s| s["lag_bytes"].as_u64());
+        let figures = LoadFigures {
+            tps: pgbench.tps,
+            passes: passes.finished,
+            pass_seconds: (!passes.seconds.is_empty()).then(|| median(passes.seconds.clone())),
+            lag_end,
+            lag_max: watch.max_lag,
+            caught_up,
+            pgbench_cpu,
+            verify_open: watch.fraction(watch.connected),
+        };
+        let shown = |v: Option<f64>| v.map_or("?".to_owned(), |v| format!("{v:.2}"));
+        let mut note = format!(
+            "tps {:.1} (excl. connecting), {} txns, {} failed; ",
+            pgbench.tps, pgbench.txns, pgbench.failed
+        );
+        if verify {
+            let _ = write!(
+                note,
+                "every \"{LOAD_PASS_EVERY}\", max_rows_per_second {}; {} passes finished in the load (status saw {}), median {} s{}; verify connection open on the source in {:.0}% of samples, query active in {:.0}%; ",
+                self.load_verify_rows_per_second,
+                passes.finished,
+                watch.passes_seen,
+                shown(figures.pass_seconds),
+                if passes.rounds_failed > 0 {
+                    format!("; {} re-verification rounds failed", passes.rounds_failed)
+                } else {
+                    String::new()
+                },
+                100.0 * watch.fraction(watch.connected),
+                100.0 * watch.fraction(watch.active)
+            );
+        } else {
+            let _ = write!(
+                note,
+                "every \"0\" (changed keys still re-verified); verify connection open on the source in {:.0}% of samples; ",
+                100.0 * watch.fraction(watch.connected)
+            );
+        }
+        let _ = write!(
+            note,
+            "lag at the end {} s ({}), max {} s; caught up in {caught_up:.2} s; pgbench CPU {pgbench_cpu:.2} s",
+            shown(lag_end),
+            lag_end_bytes.map_or("? bytes".to_owned(), |b| format!(
+                "{:.1} MB",
+                b as f64 / 1e6
+            )),
+            shown(watch.max_lag)
+        );
+        let measured = Measured {
+            wall: if pgbench.tps > 0.0 {
+                pgbench.txns / pgbench.tps
+            } else {
+                0.0
+            },
+            applied: None,
+            cpu,
+            units: pgbench.txns,
+            check: Check::NotApplicable,
+            note,
+        };
+        Ok((measured, figures, check_of(problems)))
+    }
+
     // ----- helpers -----
 
     /// After `cutover run` stopped the clock: the correctness gate with the daemon still
@@ -1815,6 +2166,19 @@ impl Bench {
     /// `pgbench_accounts` gets a key filter and a column expression that keep its rows
     /// identical but make every change go through the source-side evaluation of the mapping.
     fn write_job(&self, name: &str, target_db: &str, mapped: bool) -> Result<(PathBuf, String)> {
+        self.write_job_verifying(name, target_db, mapped, "every = \"0\"\n")
+    }
+
+    /// [`Bench::write_job`] with `verify` as the body of its `[verify]` section. Rewriting
+    /// the file of an existing job keeps its name and data directory (so its slot), with a
+    /// new API port.
+    fn write_job_verifying(
+        &self,
+        name: &str,
+        target_db: &str,
+        mapped: bool,
+        verify: &str,
+    ) -> Result<(PathBuf, String)> {
         let dir = self.work.path().join(name);
         std::fs::create_dir_all(&dir)?;
         let port = std::net::TcpListener::bind((cutover::cluster::HOST, 0))?
@@ -1840,7 +2204,7 @@ impl Bench {
         }
         let _ = write!(
             text,
-            "[snapshot]\nparallelism = 4\n\n[verify]\nevery = \"0\"\n\n[api]\nlisten = \"{api}\"\n"
+            "[snapshot]\nparallelism = 4\n\n[verify]\n{verify}\n[api]\nlisten = \"{api}\"\n"
         );
         let path = dir.join("job.toml");
         std::fs::write(&path, text)?;
@@ -1982,6 +2346,177 @@ impl Backlog {
             self.wal_bytes as f64 / 1e6
         )
     }
+}
+
+/// What one verify-load variant observed, for the headline.
+#[derive(Clone, Debug)]
+struct LoadFigures {
+    tps: f64,
+    /// Verification passes that finished during the load (from the daemon's log).
+    passes: usize,
+    /// Median seconds of those passes, as the daemon logged them.
+    pass_seconds: Option<f64>,
+    /// The status's `lag_seconds` right after pgbench ended.
+    lag_end: Option<f64>,
+    /// The largest `lag_seconds` the status showed during the load.
+    lag_max: Option<f64>,
+    /// Seconds from the end of the load until the job had applied it.
+    caught_up: f64,
+    pgbench_cpu: f64,
+    /// Share of the samples in which a verify connection was open on the source.
+    verify_open: f64,
+}
+
+/// The status and the source's verify connections, sampled during the load.
+#[derive(Default)]
+struct LoadWatch {
+    /// Samples of `pg_stat_activity` taken.
+    samples: usize,
+    /// ... with a verify connection of the job open (a pass or a round in progress).
+    connected: usize,
+    /// ... with a verify query running.
+    active: usize,
+    max_lag: Option<f64>,
+    last_finished: Option<String>,
+    /// Changes of `last_verification.finished_at` seen.
+    passes_seen: usize,
+}
+
+impl LoadWatch {
+    async fn sample(&mut self, api: &str, source: &tokio_postgres::Client, app: &str) {
+        if let Some(s) = http_status(api).await {
+            self.observe(&s);
+        }
+        if let Ok(row) = source
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE state = 'active') FROM pg_stat_activity \
+                 WHERE application_name = $1 AND backend_type = 'client backend'",
+                &[&app],
+            )
+            .await
+        {
+            self.samples += 1;
+            if row.get::<_, i64>(0) > 0 {
+                self.connected += 1;
+            }
+            if row.get::<_, i64>(1) > 0 {
+                self.active += 1;
+            }
+        }
+    }
+
+    fn observe(&mut self, s: &serde_json::Value) {
+        if let Some(l) = s["lag_seconds"].as_f64() {
+            self.max_lag = Some(self.max_lag.map_or(l, |m| m.max(l)));
+        }
+        let finished = s["last_verification"]["finished_at"]
+            .as_str()
+            .map(str::to_owned);
+        if finished.is_some() && finished != self.last_finished {
+            self.passes_seen += 1;
+            self.last_finished = finished;
+        }
+    }
+
+    fn fraction(&self, n: usize) -> f64 {
+        if self.samples == 0 {
+            0.0
+        } else {
+            n as f64 / self.samples as f64
+        }
+    }
+}
+
+/// What pgbench printed about a run.
+struct PgbenchResult {
+    txns: f64,
+    failed: f64,
+    /// `tps = ... (without initial connection time)`.
+    tps: f64,
+}
+
+impl PgbenchResult {
+    fn parse(out: &str) -> Result<PgbenchResult> {
+        let txns = out
+            .lines()
+            .find_map(|l| l.strip_prefix("number of transactions actually processed:"))
+            .and_then(|v| v.split('/').next())
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .ok_or_else(|| anyhow!("pgbench printed no transaction count:\n{out}"))?;
+        let failed = out
+            .lines()
+            .find_map(|l| l.strip_prefix("number of failed transactions:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        let tps = out
+            .lines()
+            .filter(|l| l.contains("without initial connection time"))
+            .find_map(|l| l.trim().strip_prefix("tps = "))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or_else(|| {
+                anyhow!("pgbench printed no `tps = ... (without initial connection time)`:\n{out}")
+            })?;
+        Ok(PgbenchResult { txns, failed, tps })
+    }
+}
+
+/// The verifier's lines in a stretch of the daemon's log.
+#[derive(Default)]
+struct PassLog {
+    finished: usize,
+    /// Passes that finished with `equal=false`.
+    unequal: usize,
+    seconds: Vec<f64>,
+    failed: Vec<String>,
+    differences: Vec<String>,
+    rounds_failed: usize,
+}
+
+fn scan_pass_log(text: &str) -> PassLog {
+    let mut log = PassLog::default();
+    for line in text.lines() {
+        if line.contains("verification pass finished") {
+            log.finished += 1;
+            if line.contains("equal=false") {
+                log.unequal += 1;
+            }
+            if let Some(v) = line
+                .split("seconds=")
+                .nth(1)
+                .and_then(|v| v.trim_start_matches('"').split('"').next())
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<f64>().ok())
+            {
+                log.seconds.push(v);
+            }
+        } else if line.contains("re-verification round failed") {
+            log.rounds_failed += 1;
+        } else if line.contains("verification pass failed") {
+            log.failed.push(line.trim().to_owned());
+        } else if line.contains("verification found differences") {
+            log.differences.push(line.trim().to_owned());
+        }
+    }
+    log
+}
+
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
+/// Bytes `start..end` of a file, as text.
+fn read_range(path: &Path, start: u64, end: u64) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let end = usize::try_from(end).unwrap_or(usize::MAX).min(bytes.len());
+    let start = usize::try_from(start).unwrap_or(usize::MAX).min(end);
+    String::from_utf8_lossy(&bytes[start..end]).into_owned()
+}
+
+/// User + system ticks of a live process (all its threads).
+fn process_ticks(pid: u32) -> u64 {
+    proc_stat(pid).map_or(0, |s| s.utime + s.stime)
 }
 
 /// The verify scenarios' fixtures.
@@ -2164,6 +2699,7 @@ fn push(
         unit,
         check: m.check,
         note: m.note,
+        load: None,
     };
     eprintln!(
         "cutover-bench: {scenario} rep {rep} {tool}: {:.2} s wall, CPU-s tool {:.2} src {:.2} dst {:.2}, {} {unit}/s, {}{}",
@@ -2638,6 +3174,13 @@ fn render(samples: &[Sample], env: &EnvInfo, args: &Args, elapsed: Duration) -> 
             verify_rows
         );
     }
+    if samples.iter().any(|s| s.scenario == VERIFY_LOAD) {
+        let _ = writeln!(
+            md,
+            "- verify-load: `pgbench -c 4 -j 2 -T {} -n` on the source while a cutover job streams the pgbench tables (copied once, then each variant a restart of the same job): sync only with `[verify] every = \"0\"`, sync + continuous verify with `every = \"{LOAD_PASS_EVERY}\"`, `max_rows_per_second = {}`; both variants every rep",
+            args.load_secs, args.load_verify_rows_per_second
+        );
+    }
     let _ = writeln!(
         md,
         "- peers: pg_dump/psql {}; pgcopydb {}{}; cutover at {}",
@@ -2869,6 +3412,7 @@ fn render(samples: &[Sample], env: &EnvInfo, args: &Args, elapsed: Duration) -> 
         }
     }
     render_verify_ratios(&mut md, &summaries);
+    render_verify_load(&mut md, &summaries, samples);
     let problems: Vec<String> = summaries
         .iter()
         .flat_map(|s| {
@@ -2976,6 +3520,118 @@ fn render_verify_ratios(md: &mut String, summaries: &[Summary]) {
             }
             let _ = writeln!(md, "{line}");
         }
+    }
+}
+
+/// The verify-load headline: the source's pgbench throughput with continuous verification
+/// over without, beside its goal, then CPU, passes and lag of both variants.
+fn render_verify_load(md: &mut String, summaries: &[Summary], samples: &[Sample]) {
+    if !summaries.iter().any(|s| s.scenario == VERIFY_LOAD) {
+        return;
+    }
+    let find = |tool: &str| {
+        summaries
+            .iter()
+            .find(|s| s.scenario == VERIFY_LOAD && s.tool == tool && s.n_ok > 0 && s.rate > 0.0)
+    };
+    let (without, with) = (find(SYNC_ONLY), find(SYNC_VERIFY));
+    let ratio = match (with, without) {
+        (Some(w), Some(o)) => Some(w.rate / o.rate),
+        _ => None,
+    };
+    let _ = writeln!(
+        md,
+        "- **{VERIFY_LOAD}** (source throughput under pgbench while the job streams): tps with continuous verification / without = **{}** (goal ≥ {GOAL_LOAD_RATIO:.2}, i.e. verification costs the source at most {:.0}%: {}); {SYNC_ONLY} {} tps, {SYNC_VERIFY} {} tps",
+        ratio.map_or("— (missing or failed run)".to_owned(), |r| format!(
+            "{r:.2}"
+        )),
+        (1.0 - GOAL_LOAD_RATIO) * 100.0,
+        match ratio {
+            Some(r) if r >= GOAL_LOAD_RATIO => "met",
+            Some(_) => "NOT met",
+            None => "not measured",
+        },
+        without.map_or("—".to_owned(), |s| format!("{:.1}", s.rate)),
+        with.map_or("—".to_owned(), |s| format!("{:.1}", s.rate)),
+    );
+    let tps_of = |tool: &str, rep: usize| {
+        samples
+            .iter()
+            .find(|s| s.scenario == VERIFY_LOAD && s.tool == tool && s.rep == rep)
+            .filter(|s| s.check.usable())
+            .and_then(|s| s.load.as_ref())
+            .map(|f| f.tps)
+    };
+    let reps = samples
+        .iter()
+        .filter(|s| s.scenario == VERIFY_LOAD)
+        .map(|s| s.rep)
+        .max()
+        .unwrap_or(0);
+    let per_rep: Vec<String> = (1..=reps)
+        .map(
+            |rep| match (tps_of(SYNC_VERIFY, rep), tps_of(SYNC_ONLY, rep)) {
+                (Some(w), Some(o)) if o > 0.0 => format!("{:.2}", w / o),
+                _ => "—".to_owned(),
+            },
+        )
+        .collect();
+    let _ = writeln!(
+        md,
+        "  - the ratio per rep (variants run back to back, order rotated): {}",
+        per_rep.join(", ")
+    );
+    let figures = |tool: &str| -> Vec<&LoadFigures> {
+        samples
+            .iter()
+            .filter(|s| s.scenario == VERIFY_LOAD && s.tool == tool && s.check.usable())
+            .filter_map(|s| s.load.as_ref())
+            .collect()
+    };
+    let med = |v: Vec<f64>| {
+        let m = median(v);
+        if m.is_finite() {
+            format!("{m:.2}")
+        } else {
+            "?".to_owned()
+        }
+    };
+    let mut cpu_line = "  - CPU s during the load (daemon / source / target / pgbench):".to_owned();
+    let mut lag_line = "  - lag (status `lag_seconds`) at the end of the load / at most during it, and seconds to catch up after it:".to_owned();
+    for (i, (tool, summary)) in [(SYNC_ONLY, without), (SYNC_VERIFY, with)]
+        .into_iter()
+        .enumerate()
+    {
+        let sep = if i == 0 { " " } else { "; " };
+        let f = figures(tool);
+        let _ = write!(
+            cpu_line,
+            "{sep}{tool} {} / {} / {} / {}",
+            summary.map_or("—".to_owned(), |s| format!("{:.2}", s.tool_cpu)),
+            summary.map_or("—".to_owned(), |s| format!("{:.2}", s.src_cpu)),
+            summary.map_or("—".to_owned(), |s| format!("{:.2}", s.dst_cpu)),
+            med(f.iter().map(|f| f.pgbench_cpu).collect())
+        );
+        let _ = write!(
+            lag_line,
+            "{sep}{tool} {} / {} / {}",
+            med(f.iter().filter_map(|f| f.lag_end).collect()),
+            med(f.iter().filter_map(|f| f.lag_max).collect()),
+            med(f.iter().map(|f| f.caught_up).collect())
+        );
+    }
+    let _ = writeln!(md, "{cpu_line}");
+    let _ = writeln!(md, "{lag_line} (medians)");
+    let f = figures(SYNC_VERIFY);
+    if !f.is_empty() {
+        let passes: Vec<String> = f.iter().map(|f| f.passes.to_string()).collect();
+        let _ = writeln!(
+            md,
+            "  - verification passes finished during the load, per rep: {} (median pass {} s; a verify connection open on the source in {:.0}% of the samples)",
+            passes.join(", "),
+            med(f.iter().filter_map(|f| f.pass_seconds).collect()),
+            100.0 * median(f.iter().map(|f| f.verify_open).collect())
+        );
     }
 }
 
