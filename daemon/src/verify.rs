@@ -15,11 +15,13 @@ use anyhow::Context as _;
 use cutover_config::JobSpec;
 use cutover_connectors::pg_apply::TablePlan;
 use cutover_connectors::{pg_conn, quote_ident, quote_literal};
+use cutover_verifier::batch::RowBatch;
 use cutover_verifier::canonical::table_domain;
 use cutover_verifier::chunk::{
-    ColumnOrder, CompareOptions, KeyOrder, Row, compare_keyed, compare_multiset,
+    BatchSource, ColumnOrder, CompareOptions, KeyOrder, compare_keyed_batches,
+    compare_multiset_batches,
 };
-use cutover_verifier::copy_text::{CopyLines, parse_row};
+use cutover_verifier::copy_text::CopyParser;
 use cutover_verifier::report::{TableReport, VerifyReport};
 use futures_util::StreamExt;
 
@@ -51,12 +53,13 @@ pub async fn verify(args: &VerifyArgs) -> anyhow::Result<Outcome> {
     let source_params = spec.source.conn.resolve()?;
     let target_params = spec.target.conn.resolve()?;
     let app = format!("cutover/{}/verify", spec.name);
-    let source = pg_conn::connect(&source_params, &app)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let target = pg_conn::connect(&target_params, &app)
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Both at once; a source that cannot be reached is still the error reported first.
+    let (source, target) = tokio::join!(
+        pg_conn::connect(&source_params, &app),
+        pg_conn::connect(&target_params, &app)
+    );
+    let source = source.map_err(|e| anyhow::anyhow!("{e}"))?;
+    let target = target.map_err(|e| anyhow::anyhow!("{e}"))?;
     let plans = crate::job::plan_tables(
         false,
         &spec,
@@ -89,47 +92,70 @@ pub async fn verify(args: &VerifyArgs) -> anyhow::Result<Outcome> {
             .collect()
     };
     let mut tables = Vec::new();
+    // The first table is read on the connections that planned (they only read the
+    // catalogs); every further table on fresh ones.
+    let mut planned = Some((source, target));
     for plan in &plans {
-        let (s, t) = tokio::try_join!(
-            pg_conn::connect(&source_params, &app),
-            pg_conn::connect(&target_params, &app)
-        )
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (s, t) = match planned.take() {
+            Some(pair) => pair,
+            None => tokio::try_join!(
+                pg_conn::connect(&source_params, &app),
+                pg_conn::connect(&target_params, &app)
+            )
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+        };
         tables.push(compare_table(Arc::new(s), Arc::new(t), plan, None).await?);
     }
     let report = VerifyReport::new(None, tables);
     finish(&report, args.json)
 }
 
-/// Print the report; exit 0 equal, 1 differences.
+/// Print the report; exit 0 equal, 1 differences. A reader that goes away early (`| head`)
+/// is not an error: the outcome stays the comparison's.
 fn finish(report: &VerifyReport, json: bool) -> anyhow::Result<Outcome> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(report)?);
-    } else {
-        print_report(report);
-    }
-    Ok(if report.equal {
+    write_report(&mut std::io::stdout().lock(), report, json)
+}
+
+fn write_report(
+    out: &mut impl std::io::Write,
+    report: &VerifyReport,
+    json: bool,
+) -> anyhow::Result<Outcome> {
+    let outcome = if report.equal {
         Outcome::Success
     } else {
         Outcome::Negative
-    })
+    };
+    let written = if json {
+        let text = serde_json::to_string_pretty(report)?;
+        writeln!(out, "{text}").and_then(|()| out.flush())
+    } else {
+        print_report(out, report).and_then(|()| out.flush())
+    };
+    match written {
+        Ok(()) => Ok(outcome),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(outcome),
+        Err(e) => Err(anyhow::Error::new(e).context("could not write the report")),
+    }
 }
 
-fn print_report(report: &VerifyReport) {
+fn print_report(out: &mut impl std::io::Write, report: &VerifyReport) -> std::io::Result<()> {
     for t in &report.tables {
         let mark = if t.equal { "equal" } else { "DIFFERENT" };
-        println!(
+        writeln!(
+            out,
             "{} -> {}: {mark}, {} rows compared, {} differences",
             t.source, t.target, t.rows_compared, t.differences_total
-        );
+        )?;
         for d in &t.differences {
-            println!("  {}", serde_json::to_string(d).unwrap_or_default());
+            writeln!(out, "  {}", serde_json::to_string(d).unwrap_or_default())?;
         }
         if (t.differences.len() as u64) < t.differences_total {
-            println!(
+            writeln!(
+                out,
                 "  ... and {} more",
                 t.differences_total - t.differences.len() as u64
-            );
+            )?;
         }
     }
     let verdict = if report.equal {
@@ -138,7 +164,8 @@ fn print_report(report: &VerifyReport) {
         "source and target differ"
     };
     match &report.lsn {
-        Some(lsn) => println!(
+        Some(lsn) => writeln!(
+            out,
             "{verdict} at source LSN {lsn} (both sides read as of that position by the job's daemon{})",
             if report.equal {
                 ""
@@ -146,7 +173,10 @@ fn print_report(report: &VerifyReport) {
                 ": the differences are real"
             }
         ),
-        None => println!("{verdict} (compared as the databases stand, not anchored at an LSN)"),
+        None => writeln!(
+            out,
+            "{verdict} (compared as the databases stand, not anchored at an LSN)"
+        ),
     }
 }
 
@@ -247,7 +277,7 @@ fn side_query(plan: &TablePlan, side_source: bool, keys: Option<&[Vec<String>]>)
 }
 
 /// Rows of one side, handed to the comparison thread in batches.
-type Batch = Result<Vec<Row>, String>;
+type Batch = Result<RowBatch, String>;
 
 /// A cap on rows read per second, shared by the readers of a pass.
 pub struct Throttle {
@@ -282,16 +312,19 @@ impl Throttle {
 }
 
 /// Read one side into a bounded channel of parsed row batches, on `client` (in whatever
-/// transaction it is: an anchored pass has it in the anchor's snapshot).
+/// transaction it is: an anchored pass has it in the anchor's snapshot). The comparison
+/// thread hands the batches back once it is done with them, and the reader refills them.
 fn spawn_reader(
     client: Arc<tokio_postgres::Client>,
     side: &'static str,
     query: SideQuery,
     columns: usize,
     key_columns: Vec<usize>,
+    order: KeyOrder,
     throttle: Option<Arc<Throttle>>,
 ) -> Rows {
     let (tx, rx) = tokio::sync::mpsc::channel::<Batch>(CHANNEL_BATCHES);
+    let (spare_tx, mut spare_rx) = tokio::sync::mpsc::unbounded_channel::<RowBatch>();
     tokio::spawn(async move {
         let stream = match client.copy_out(&query.sql).await {
             Ok(s) => s,
@@ -301,25 +334,28 @@ fn spawn_reader(
             }
         };
         futures_util::pin_mut!(stream);
-        let mut lines = CopyLines::new();
-        let mut batch = Vec::with_capacity(BATCH_ROWS);
-        let mut bad = None;
+        let mut parser = CopyParser::new(columns, key_columns);
+        let mut batch = parser.batch();
         while let Some(chunk) = stream.next().await {
             let chunk = match chunk {
                 Ok(c) => c,
                 Err(e) => return drop(tx.send(Err(cutover_connectors::error::pg_cause(&e))).await),
             };
-            lines.push(&chunk, |line| {
-                match parse_row(line, columns, &key_columns) {
-                    Ok(row) => batch.push(row),
-                    Err(e) => bad = Some(e.to_string()),
-                }
-            });
-            if let Some(e) = bad.take() {
-                return drop(tx.send(Err(e)).await);
+            if let Err(e) = parser.push(&chunk, &mut batch) {
+                return drop(tx.send(Err(e.to_string())).await);
             }
             if batch.len() >= BATCH_ROWS {
-                let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH_ROWS));
+                let next = match spare_rx.try_recv() {
+                    Ok(mut spare) => {
+                        spare.clear();
+                        spare
+                    }
+                    Err(_) => parser.batch(),
+                };
+                let mut full = std::mem::replace(&mut batch, next);
+                // The keys' numbers are worked out here, while the rows are in this
+                // thread's cache, not on the comparison thread.
+                full.index_keys(&order);
                 if let Some(t) = &throttle {
                     t.take(full.len() as u64).await;
                 }
@@ -328,16 +364,17 @@ fn spawn_reader(
                 }
             }
         }
-        if let Err(e) = lines.finish() {
+        if let Err(e) = parser.finish() {
             return drop(tx.send(Err(e.to_string())).await);
         }
         if !batch.is_empty() {
+            batch.index_keys(&order);
             let _ = tx.send(Ok(batch)).await;
         }
     });
     Rows {
         rx,
-        current: Vec::new().into_iter(),
+        spare: spare_tx,
     }
 }
 
@@ -345,25 +382,23 @@ fn spawn_reader(
 const BATCH_ROWS: usize = 1024;
 const CHANNEL_BATCHES: usize = 8;
 
-/// The rows of one side as a blocking iterator, for the comparison thread.
+/// The row batches of one side, for the comparison thread (which blocks on them).
 struct Rows {
     rx: tokio::sync::mpsc::Receiver<Batch>,
-    current: std::vec::IntoIter<Row>,
+    /// Batches the comparison is done with, back to the reader.
+    spare: tokio::sync::mpsc::UnboundedSender<RowBatch>,
 }
 
-impl Iterator for Rows {
-    type Item = Result<Row, String>;
+impl BatchSource for Rows {
+    type Error = String;
 
-    fn next(&mut self) -> Option<Self::Item> {
-        loop {
-            if let Some(row) = self.current.next() {
-                return Some(Ok(row));
-            }
-            match self.rx.blocking_recv()? {
-                Ok(batch) => self.current = batch.into_iter(),
-                Err(e) => return Some(Err(e)),
-            }
-        }
+    fn next_batch(&mut self) -> Option<Batch> {
+        self.rx.blocking_recv()
+    }
+
+    fn recycle(&mut self, batch: RowBatch) {
+        // The reader may be gone (end of data); the batch is then simply dropped.
+        let _ = self.spare.send(batch);
     }
 }
 
@@ -428,12 +463,16 @@ async fn compare_rows(
         .iter()
         .map(|&j| plan.columns[j].target.clone())
         .collect();
+    // Both sides are compared in the target's key order (the source reads the same keys
+    // through the mapping).
+    let (_, order) = key_order(plan, false);
     let src_rx = spawn_reader(
         source,
         "the source",
         side_query(plan, true, keys),
         columns,
         key_columns.clone(),
+        order.clone(),
         throttle,
     );
     let dst_rx = spawn_reader(
@@ -442,10 +481,10 @@ async fn compare_rows(
         side_query(plan, false, keys),
         columns,
         key_columns.clone(),
+        order.clone(),
         None,
     );
     let domain = table_domain(&plan.target_name().schema, &plan.target_name().name, 1);
-    let (_, order) = key_order(plan, false);
     let plan = plan.clone();
     let options = CompareOptions::default();
     let max = options.max_differences;
@@ -455,7 +494,7 @@ async fn compare_rows(
             plan.target_name().to_string(),
         );
         if key_columns.is_empty() {
-            let outcome = compare_multiset(&domain, src_rx, dst_rx)
+            let outcome = compare_multiset_batches(&domain, src_rx, dst_rx)
                 .map_err(|e| anyhow::anyhow!("{e}"))
                 .with_context(|| format!("could not compare {source_name} with {target_name}"))?;
             Ok(TableReport::multiset(
@@ -466,15 +505,9 @@ async fn compare_rows(
                 max,
             ))
         } else {
-            let outcome = compare_keyed(
-                &domain,
-                src_rx,
-                dst_rx,
-                |a, b| order.compare(a, b),
-                &options,
-            )
-            .map_err(|e| anyhow::anyhow!("{e}"))
-            .with_context(|| format!("could not compare {source_name} with {target_name}"))?;
+            let outcome = compare_keyed_batches(&domain, src_rx, dst_rx, &order, &options)
+                .map_err(|e| anyhow::anyhow!("{e}"))
+                .with_context(|| format!("could not compare {source_name} with {target_name}"))?;
             Ok(TableReport::keyed(
                 source_name,
                 target_name,
@@ -487,4 +520,93 @@ async fn compare_rows(
     .await
     .context("the comparison thread failed")??;
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cutover_verifier::chunk::{Difference, KeyedOutcome};
+
+    /// A writer that fails every write with `kind`.
+    struct Failing(std::io::ErrorKind);
+
+    impl std::io::Write for Failing {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(self.0.into())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Err(self.0.into())
+        }
+    }
+
+    fn report(equal: bool) -> VerifyReport {
+        let outcome = KeyedOutcome {
+            source_rows: 2,
+            target_rows: 1,
+            rows_compared: 2,
+            differences_total: u64::from(!equal),
+            differences: if equal {
+                Vec::new()
+            } else {
+                vec![Difference::Missing {
+                    key: vec![Some(b"7".to_vec())],
+                }]
+            },
+            ..Default::default()
+        };
+        let table = TableReport::keyed(
+            "public.t".to_string(),
+            "public.t".to_string(),
+            &["id".to_string()],
+            &["id".to_string()],
+            &outcome,
+        );
+        VerifyReport::new(None, vec![table])
+    }
+
+    #[test]
+    fn a_closed_pipe_keeps_the_outcome() {
+        for json in [true, false] {
+            for (equal, outcome) in [(true, Outcome::Success), (false, Outcome::Negative)] {
+                let got = write_report(
+                    &mut Failing(std::io::ErrorKind::BrokenPipe),
+                    &report(equal),
+                    json,
+                )
+                .expect("a broken pipe is not an error");
+                assert_eq!(got, outcome);
+            }
+            let error = write_report(
+                &mut Failing(std::io::ErrorKind::PermissionDenied),
+                &report(true),
+                json,
+            )
+            .expect_err("other write errors are");
+            assert!(error.to_string().contains("could not write the report"));
+        }
+    }
+
+    #[test]
+    fn report_text_is_unchanged() {
+        let mut out = Vec::new();
+        let outcome = write_report(&mut out, &report(false), false).expect("written");
+        assert_eq!(outcome, Outcome::Negative);
+        assert_eq!(
+            String::from_utf8(out).expect("utf-8"),
+            "public.t -> public.t: DIFFERENT, 2 rows compared, 1 differences\n  \
+             {\"kind\":\"missing\",\"key\":{\"id\":\"7\"},\"columns\":[]}\n\
+             source and target differ (compared as the databases stand, not anchored at an LSN)\n"
+        );
+        let mut out = Vec::new();
+        write_report(&mut out, &report(true), true).expect("written");
+        let text = String::from_utf8(out).expect("utf-8");
+        assert_eq!(
+            text,
+            format!(
+                "{}\n",
+                serde_json::to_string_pretty(&report(true)).expect("json")
+            )
+        );
+    }
 }

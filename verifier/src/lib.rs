@@ -6,6 +6,8 @@
 //!
 //! - [`canonical`]: the versioned, typed, length-prefixed byte encoding of a row and its
 //!   domain-separated blake3 digest (no NULL / `''` / `'NULL'` or column-boundary collisions).
+//! - [`batch`]: rows of one side held in their canonical framing in one buffer per batch, read
+//!   back on demand (no per-row or per-field allocations).
 //! - [`chunk`]: the comparison of two key-ordered row streams: chunk digests on the fast path,
 //!   row-level narrowing only inside mismatching chunks; multiset comparison for keyless tables.
 //! - [`hasher`]: a pool of hashing threads fed by bounded channels, off any async runtime, that
@@ -15,6 +17,7 @@
 //! Reading the two sides (`COPY … TO STDOUT` in key order under snapshots anchored at an LSN) is
 //! the caller's job; [`copy_text`] parses the rows it yields.
 
+pub mod batch;
 pub mod canonical;
 pub mod chunk;
 pub mod copy_text;
