@@ -1056,7 +1056,9 @@ async fn stream(
                 st.confirm(p.end_lsn);
             }
             let committed = st.applier.committed().end_lsn;
-            st.stream.shutdown(Duration::from_secs(3)).await;
+            // The confirmation reaches the server on its next status update; give it time even
+            // on a loaded machine (a stop should not leave the slot behind what is applied).
+            st.stream.shutdown(Duration::from_secs(10)).await;
             tracing::info!(applied = %committed, "stopped");
             return Ok(Ended::Stopped);
         }
