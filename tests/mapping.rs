@@ -232,8 +232,7 @@ async fn mapped_columns_filters_and_keys_across_clusters() {
 }
 
 /// The status document's entry for `source`.
-async fn table_status(daemon: &Daemon, source: &str) -> serde_json::Value {
-    let status = daemon.status().await.unwrap_or_default();
+fn table_entry(status: &serde_json::Value, source: &str) -> serde_json::Value {
     status["tables"]
         .as_array()
         .and_then(|t| t.iter().find(|t| t["source"] == source).cloned())
@@ -247,20 +246,14 @@ async fn wait_table(
     what: &str,
     pred: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let t = table_status(daemon, source).await;
-        if pred(&t) {
-            return t;
-        }
-        if std::time::Instant::now() > deadline {
-            panic!(
-                "{source}: {what} not seen in 30s: {t:#}\n{}",
-                daemon.output()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let st = daemon
+        .wait_status(
+            &format!("{source}: {what}"),
+            Duration::from_secs(30),
+            |st| pred(&table_entry(st, source)),
+        )
+        .await;
+    table_entry(&st, source)
 }
 
 /// DDL on a table mapped by name: a new column is added to the target; a type change the

@@ -219,16 +219,12 @@ async fn anchored_passes_under_write_load() {
     }
 
     // Continuous passes publish their summary and their report.
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let st = daemon.status().await.unwrap_or_default();
-        if st["last_verification"]["tables_equal"] == true {
-            assert!(st["last_verification"]["lsn"].is_string(), "{st}");
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no pass in 60s: {st}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let st = daemon
+        .wait_status("a clean continuous pass", Duration::from_secs(60), |st| {
+            st["last_verification"]["tables_equal"] == true
+        })
+        .await;
+    assert!(st["last_verification"]["lsn"].is_string(), "{st}");
     let (code, body) = daemon.get("/v1/verify/latest").await.unwrap();
     assert_eq!(code, 200, "{body}");
     let latest: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -318,22 +314,7 @@ async fn changed_keys_are_verified_again_between_full_passes() {
     let s = src.connect("db").await.unwrap();
     let d = dst.connect("db").await.unwrap();
     let status_until = |what: &'static str, pred: fn(&serde_json::Value) -> bool| {
-        let daemon = &daemon;
-        async move {
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            loop {
-                let st = daemon.status().await.unwrap_or_default();
-                if pred(&st) {
-                    return st;
-                }
-                assert!(
-                    std::time::Instant::now() < deadline,
-                    "{what} not seen: {st:#}\n{}",
-                    daemon.output()
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
+        daemon.wait_status(what, Duration::from_secs(60), pred)
     };
     status_until("a first clean pass", |st| {
         st["last_verification"]["tables_equal"] == true

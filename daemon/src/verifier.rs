@@ -57,6 +57,9 @@ impl VerifierHandle {
 /// How often changed keys are compared again (when there are any).
 pub const REVERIFY_EVERY: Duration = Duration::from_secs(3);
 
+/// Keys carried per table before it waits for a full pass instead.
+const MAX_CARRIED_KEYS: usize = 200_000;
+
 /// Changed keys between full passes: handed over at each anchor, compared at it.
 #[derive(Default)]
 struct Reverify {
@@ -78,7 +81,13 @@ impl Reverify {
                 self.awaiting_full.insert(table.clone(), at);
                 self.carry.remove(&table);
             } else if !self.awaiting_full.contains_key(&table) {
-                self.carry.entry(table).or_default().extend(t.keys);
+                let carry = self.carry.entry(table.clone()).or_default();
+                carry.extend(t.keys);
+                // Rounds that keep failing must not make the carry grow without bound.
+                if carry.len() > MAX_CARRIED_KEYS {
+                    self.carry.remove(&table);
+                    self.awaiting_full.insert(table, at);
+                }
             }
         }
     }

@@ -188,6 +188,29 @@ impl Daemon {
         serde_json::from_str(&body).ok()
     }
 
+    /// Poll the status document until `pred` holds (returning it), or fail after `timeout`
+    /// saying `what` was not seen, with the daemon's log.
+    pub async fn wait_status(
+        &self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let st = self.status().await.unwrap_or_default();
+            if pred(&st) {
+                return st;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} not seen in {timeout:?}: {st:#}\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Wait until the status says `phase`, failing with the daemon's log.
     pub async fn wait_phase(&mut self, phase: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;

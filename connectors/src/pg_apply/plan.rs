@@ -196,17 +196,13 @@ pub async fn plan_table(
                     toml_key(column),
                     quote_ident(column)
                 ))
-                .hint(match nearest(column, target.stored_columns()) {
-                    Some(near) => format!(
-                        "did you mean {}? target columns: {}",
-                        toml_key(near),
-                        names(target.stored_columns())
-                    ),
-                    None => format!(
-                        "map one of the target's columns: {}",
-                        names(target.stored_columns())
-                    ),
-                }),
+                .hint(did_you_mean(
+                    column,
+                    &target,
+                    toml_key,
+                    "target columns",
+                    "map one of the target's columns",
+                )),
             ),
             Some(c) if c.generated => errors.push(
                 Error::operator(format!(
@@ -830,17 +826,13 @@ fn explain(e: &ExprError, source: &TableInfo) -> (String, String) {
             }
             (
                 format!("column {} does not exist on source table {src}", quote_ident(missing)),
-                match nearest(missing, source.stored_columns()) {
-                    Some(near) => format!(
-                        "did you mean {}? source columns: {}",
-                        sql_ident(near),
-                        names(source.stored_columns())
-                    ),
-                    None => format!(
-                        "refer to source columns by name: {}",
-                        names(source.stored_columns())
-                    ),
-                },
+                did_you_mean(
+                    missing,
+                    source,
+                    sql_ident,
+                    "source columns",
+                    "refer to source columns by name",
+                ),
             )
         }
         "42883" => (
@@ -868,6 +860,22 @@ fn explain(e: &ExprError, source: &TableInfo) -> (String, String) {
             ),
             e.hint.clone().unwrap_or_else(|| scalar.into()),
         ),
+    }
+}
+
+/// A hint for a column name not found in `table`: the close one if there is one (written
+/// with `write`), and the columns there are.
+fn did_you_mean(
+    name: &str,
+    table: &TableInfo,
+    write: fn(&str) -> String,
+    listed: &str,
+    otherwise: &str,
+) -> String {
+    let all = names(table.stored_columns());
+    match nearest(name, table.stored_columns()) {
+        Some(near) => format!("did you mean {}? {listed}: {all}", write(near)),
+        None => format!("{otherwise}: {all}"),
     }
 }
 

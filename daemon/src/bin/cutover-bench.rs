@@ -1775,20 +1775,8 @@ impl Bench {
                 .map(str::to_owned);
         }
         let log_start = file_len(&daemon.log);
-        let mut cmd = self.tool("pgbench");
-        cmd.args([
-            "-c",
-            "4",
-            "-j",
-            "2",
-            "-n",
-            "-T",
-            &self.load_secs.to_string(),
-        ])
-        .args(self.src_conn_args())
-        .arg(SOURCE_DB)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        let mut cmd = self.pgbench_load(self.load_secs);
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let cpu0 = self.cpu();
         let daemon0 = process_ticks(pid);
         let t0 = Instant::now();
@@ -1970,6 +1958,15 @@ impl Bench {
     }
 
     /// A PostgreSQL client tool from the server's bin directory, isolated from PG* variables.
+    /// `pgbench -c 4 -j 2 -n -T secs` against the source database.
+    fn pgbench_load(&self, secs: u32) -> Command {
+        let mut cmd = self.tool("pgbench");
+        cmd.args(["-c", "4", "-j", "2", "-n", "-T", &secs.to_string()])
+            .args(self.src_conn_args())
+            .arg(SOURCE_DB);
+        cmd
+    }
+
     fn tool(&self, name: &str) -> Command {
         let mut cmd = Command::new(self.pg_bin.join(name));
         self.prepare(&mut cmd);
@@ -2294,18 +2291,7 @@ impl Bench {
             .query_one("SELECT pg_current_wal_lsn()::text", &[])
             .await?
             .get(0);
-        let mut cmd = self.tool("pgbench");
-        cmd.args([
-            "-c",
-            "4",
-            "-j",
-            "2",
-            "-n",
-            "-T",
-            &self.backlog_secs.to_string(),
-        ])
-        .args(self.src_conn_args())
-        .arg(SOURCE_DB);
+        let cmd = self.pgbench_load(self.backlog_secs);
         let out = run(cmd, "pgbench (backlog)").await?;
         let txns = out
             .lines()
