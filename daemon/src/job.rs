@@ -27,7 +27,9 @@ use cutover_connectors::pg_apply::{
     self, Applier, CopyChunk, CopyCounters, GroupLimits, Mapper, MappingSpec, Step, TablePlan,
     TablesAtStart,
 };
-use cutover_connectors::pg_source::client::{ReplicationSession, ReplicationStream, StreamEvent};
+use cutover_connectors::pg_source::client::{
+    ReplicationSession, ReplicationStream, StartOptions, StreamEvent,
+};
 use cutover_connectors::pg_source::decode::LogicalMessage;
 use cutover_connectors::pg_source::provision;
 use cutover_connectors::{Lsn, TableName, pg_conn};
@@ -747,6 +749,28 @@ fn event_bytes(event: &StreamEvent) -> usize {
     }
 }
 
+/// pgoutput protocol 2 with in-progress transactions streamed where the server has it
+/// (PostgreSQL 14+), spooled under `<data_dir>/<job>/spool`: the server then no longer
+/// spills large transactions on its own disk, and they reach us while they run. Protocol 1
+/// otherwise, or when the spool directory cannot be made.
+fn start_options(ctx: &JobContext, session: &ReplicationSession) -> StartOptions {
+    if session.server_version_num().is_none_or(|v| v < 140_000) {
+        return StartOptions::default();
+    }
+    let dir = ctx.spec.data_dir.join(&ctx.spec.name).join("spool");
+    match std::fs::create_dir_all(&dir) {
+        Ok(()) => StartOptions::streaming(dir),
+        Err(e) => {
+            tracing::warn!(
+                dir = %dir.display(),
+                error = %e,
+                "cannot spool streamed transactions; asking for whole transactions at commit (pgoutput protocol 1), which the source spills on its own disk"
+            );
+            StartOptions::default()
+        }
+    }
+}
+
 /// What `stream` tracks across events.
 struct Streaming<'a> {
     ctx: &'a JobContext,
@@ -998,8 +1022,10 @@ async fn stream(
     let session =
         ReplicationSession::connect(&ctx.source, &slot, &slot, start, &ctx.app_name("stream"))
             .await?;
-    let stream = session.start().await?;
-    tracing::info!(slot = %slot, from = %start, "streaming");
+    let options = start_options(ctx, &session);
+    let protocol = options.proto_version;
+    let stream = session.start_with(options).await?;
+    tracing::info!(slot = %slot, from = %start, protocol, "streaming");
     // The mapper evaluates on the source's control session and reads the target's
     // catalog on a session of its own (the apply session holds open transactions).
     let catalog = pg_conn::connect(&ctx.target, &ctx.app_name("map")).await?;

@@ -1,24 +1,34 @@
-//! The replication connection: the only module that touches `pgwire-replication`.
+//! The replication connection: our types and error wording over [`super::wire`].
 //!
 //! Upstream tokio-postgres cannot speak the replication protocol (CopyBoth), so the
-//! replication session comes from the `pgwire-replication` crate: it handles the startup,
-//! authentication, `START_REPLICATION`, keepalives and standby status updates on its own
-//! worker task, so keepalives are answered even while we are busy applying a long
-//! transaction (hard case 8). Everything it hands us is turned into our own
-//! [`StreamEvent`]s here, so replacing it means rewriting this file only.
+//! replication session runs on our own transport (`wire.rs`): startup and authentication,
+//! replication commands, `START_REPLICATION`, and, once streaming, a task of its own that
+//! answers keepalives and sends standby status updates every 250 ms even while we are busy
+//! applying a long transaction (hard case 8). Everything it hands us is turned into our
+//! own [`StreamEvent`]s and [`Error`]s here.
 //!
-//! The crate requests pgoutput protocol version 1, so the server sends each transaction
-//! once it has committed, and spills large transactions on its side
+//! [`ReplicationSession::start`] requests pgoutput protocol version 1, so the server sends
+//! each transaction once it has committed, and spills large transactions on its side
 //! (`logical_decoding_work_mem`). Our apply consumes a transaction as it arrives, so
-//! memory stays bounded on our side too.
+//! memory stays bounded on our side too. [`ReplicationSession::start_with`] can ask for
+//! protocol 2 with `streaming 'on'` (PostgreSQL 14+): in-progress transactions then arrive
+//! in blocks between Stream Start and Stream Stop, the server no longer spills them, and
+//! [`ReplicationStream::next`] spools them to local files and hands each on whole at its
+//! commit ([`super::spool`]), so the events keep protocol 1's shape: whole transactions in
+//! commit order.
+
+use std::path::PathBuf;
 
 use cutover_config::ConnParams;
-use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
 
 use crate::error::{Error, ErrorClass, Result};
 use crate::lsn::Lsn;
 use crate::pg_conn::session_options;
 use crate::pg_source::decode::{self, Begin, Commit, LogicalMessage};
+use crate::pg_source::spool::{Destreamer, Pushed};
+use crate::pg_source::wire::{self, WireError};
+
+pub use crate::pg_source::wire::RawEvent;
 
 /// What the stream delivers, in order.
 #[derive(Debug)]
@@ -33,11 +43,57 @@ pub enum StreamEvent {
     },
 }
 
+/// The pgoutput options of `START_REPLICATION`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartOptions {
+    /// `proto_version`: 1, or 2 and up (PostgreSQL 14+) for streamed transactions.
+    pub proto_version: u32,
+    /// `streaming 'on'` (needs protocol 2+): in-progress transactions are streamed, spooled
+    /// under this directory, and handed on whole at their commit ([`Destreamer`]), so the
+    /// events [`ReplicationStream::next`] returns keep protocol 1's shape.
+    pub stream_spool: Option<PathBuf>,
+}
+
+impl Default for StartOptions {
+    /// Protocol 1 without streaming: what [`ReplicationSession::start`] asks for.
+    fn default() -> Self {
+        Self {
+            proto_version: 1,
+            stream_spool: None,
+        }
+    }
+}
+
+impl StartOptions {
+    /// Protocol 2 with in-progress transactions streamed and spooled under `dir`.
+    pub fn streaming(dir: PathBuf) -> Self {
+        Self {
+            proto_version: 2,
+            stream_spool: Some(dir),
+        }
+    }
+}
+
 /// A replication session that has not started streaming: replication commands such as
-/// `CREATE_REPLICATION_SLOT` run on it.
+/// `CREATE_REPLICATION_SLOT` run on it. It stays idle between commands, so a snapshot it
+/// exported stays valid until it starts streaming or is dropped.
 pub struct ReplicationSession {
-    client: ReplicationClient,
+    conn: wire::Connection,
     endpoint: String,
+    slot: String,
+    publication: String,
+    start: Lsn,
+}
+
+impl std::fmt::Debug for ReplicationSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicationSession")
+            .field("endpoint", &self.endpoint)
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("start", &self.start)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A slot just created, with the snapshot it exported.
@@ -50,38 +106,60 @@ pub struct CreatedSlot {
     pub snapshot_name: String,
 }
 
-fn to_lsn(l: pgwire_replication::Lsn) -> Lsn {
-    Lsn(l.as_u64())
-}
+const AUTH_HINT: &str = "check the user and the password; the user needs the REPLICATION attribute";
+const REPLICATION_ROLE_HINT: &str = "grant it with ALTER ROLE ... REPLICATION (the attribute is not inherited through role membership)";
+const HBA_HINT: &str = "allow the user in pg_hba.conf for this database (logical replication matches the database name, not the keyword replication)";
 
-fn wire_error(what: &str, endpoint: &str, e: pgwire_replication::PgWireError) -> Error {
-    let class = if e.is_transient() || e.is_io() {
-        ErrorClass::Transient
-    } else {
-        ErrorClass::NeedsOperator
-    };
-    let text = e.to_string();
-    let mut err = Error::operator(format!(
-        "could not {what} on {endpoint}: {}",
-        lowercase_first(&text)
-    ));
-    err.class = class;
-    if e.is_auth() {
-        err.class = ErrorClass::NeedsOperator;
-        err.hint = Some(
-            "check the user and the password; the user needs the REPLICATION attribute".into(),
-        );
-    } else if text.contains("must be superuser or replication role")
-        || text.contains("permission denied to start WAL sender")
-        || text.contains("REPLICATION attribute")
-    {
-        err.class = ErrorClass::NeedsOperator;
-        err.hint = Some("grant it with ALTER ROLE ... REPLICATION (the attribute is not inherited through role membership)".into());
-    } else if text.contains("pg_hba.conf") {
-        err.class = ErrorClass::NeedsOperator;
-        err.hint = Some("allow the user in pg_hba.conf for this database (logical replication matches the database name, not the keyword replication)".into());
+/// Our error for a failure of the replication connection while doing `what` (a verb
+/// phrase: "start replication"). The primary is `could not {what} on {endpoint}: {cause}`;
+/// a server error keeps its detail and hint unless a hint of ours fits better.
+fn wire_error(what: &str, endpoint: &str, e: WireError) -> Error {
+    let primary =
+        |cause: &str| format!("could not {what} on {endpoint}: {}", lowercase_first(cause));
+    match e {
+        WireError::Server(s) => {
+            let mut err = Error::operator(primary(&s.message));
+            err.detail = s.detail.clone();
+            err.hint = s.hint.clone();
+            let code = s.code.as_str();
+            // 08: connection exception; 57P01-57P03: admin shutdown, crash shutdown,
+            // cannot connect now; 53: insufficient resources (too many connections, out of
+            // memory or disk); 40001/40P01: serialization failure and deadlock.
+            if code.starts_with("08")
+                || code.starts_with("53")
+                || matches!(code, "57P01" | "57P02" | "57P03" | "40001" | "40P01")
+            {
+                err.class = ErrorClass::Transient;
+            }
+            let text = format!("{} {}", s.message, s.detail.as_deref().unwrap_or(""));
+            if text.contains("must be superuser or replication role")
+                || text.contains("permission denied to start WAL sender")
+                || text.contains("REPLICATION attribute")
+            {
+                err.class = ErrorClass::NeedsOperator;
+                err.hint = Some(REPLICATION_ROLE_HINT.into());
+            } else if text.contains("pg_hba.conf") {
+                err.class = ErrorClass::NeedsOperator;
+                err.hint = Some(HBA_HINT.into());
+            } else if code.starts_with("28") {
+                err.class = ErrorClass::NeedsOperator;
+                err.hint = Some(AUTH_HINT.into());
+            } else if code == "55006" && s.message.contains("is active for PID") {
+                // The slot is still held, usually by the walsender of a predecessor that
+                // died: it lets go within wal_sender_timeout. As in provision's check.
+                err.class = ErrorClass::Transient;
+                err.hint = Some("another cutover run of this job (or a stale connection) holds the slot; stop it, or wait for wal_sender_timeout to end a dead one".into());
+                err.retry_for = Some(std::time::Duration::from_secs(90));
+            }
+            err
+        }
+        WireError::Auth(m) => Error::operator(primary(&m)).hint(AUTH_HINT),
+        WireError::Io(io) => Error::transient(primary(&io.to_string())).with_source(io),
+        WireError::Closed => Error::transient(primary("the server closed the connection")),
+        e @ WireError::Protocol(_) => Error::operator(primary(&e.to_string())).hint(
+            "this is a bug in cutover or an unsupported server; report it with the server version",
+        ),
     }
-    err
 }
 
 fn lowercase_first(s: &str) -> String {
@@ -92,38 +170,9 @@ fn lowercase_first(s: &str) -> String {
     }
 }
 
-fn config(
-    params: &ConnParams,
-    slot: &str,
-    publication: &str,
-    start: Lsn,
-    application_name: &str,
-) -> ReplicationConfig {
-    let password = params
-        .password
-        .as_ref()
-        .map(|p| p.expose().to_string())
-        .unwrap_or_default();
-    ReplicationConfig::new(
-        params.host.clone(),
-        params.user.clone(),
-        password,
-        params.dbname.clone(),
-        slot.to_string(),
-        publication.to_string(),
-    )
-    .with_port(params.port)
-    .with_tls(TlsConfig::disabled())
-    .with_start_lsn(pgwire_replication::Lsn::from_u64(start.0))
-    .with_options(session_options(params))
-    .with_application_name(application_name.to_string())
-    .with_status_interval(std::time::Duration::from_millis(250))
-    .with_wakeup_interval(std::time::Duration::from_secs(5))
-    .with_buffer_size(8192)
-}
-
 impl ReplicationSession {
     /// Open a replication session (`replication=database`) that waits for commands.
+    /// `slot`, `publication` and `start` are what [`start`](Self::start) streams.
     pub async fn connect(
         params: &ConnParams,
         slot: &str,
@@ -132,23 +181,49 @@ impl ReplicationSession {
         application_name: &str,
     ) -> Result<Self> {
         let endpoint = params.endpoint();
-        let cfg = config(params, slot, publication, start, application_name);
         let limit = crate::pg_conn::connect_timeout(params);
+        let options = session_options(params);
+        let what = "open a replication connection";
+        // No TLS: the replication connection is plain TCP or a unix socket, whatever the
+        // sslmode, as before (ordinary connections refuse the modes that require TLS).
         let open = async {
-            let mut client = ReplicationClient::connect_gated(cfg)
+            let io = wire::open_socket(&params.host, params.port)
                 .await
-                .map_err(|e| wire_error("open a replication connection", &endpoint, e))?;
-            // Prove the session is up (and authenticated) before handing it out.
-            client
-                .identify_system()
+                .map_err(|e| wire_error(what, &endpoint, e))?;
+            let startup = wire::Startup {
+                user: &params.user,
+                database: &params.dbname,
+                application_name,
+                options: &options,
+                password: params.password.as_ref().map(|p| p.expose()),
+            };
+            let mut conn = wire::Connection::startup(io, &startup)
                 .await
-                .map_err(|e| wire_error("open a replication connection", &endpoint, e))?;
-            Ok::<_, Error>(client)
+                .map_err(|e| wire_error(what, &endpoint, e))?;
+            // Prove the session takes replication commands before handing it out.
+            conn.simple_query("IDENTIFY_SYSTEM")
+                .await
+                .map_err(|e| wire_error(what, &endpoint, e))?;
+            Ok::<_, Error>(conn)
         };
-        let client = tokio::time::timeout(limit, open)
+        let conn = tokio::time::timeout(limit, open)
             .await
             .map_err(|_| crate::pg_conn::timeout_error(params, limit))??;
-        Ok(Self { client, endpoint })
+        Ok(Self {
+            conn,
+            endpoint,
+            slot: slot.to_string(),
+            publication: publication.to_string(),
+            start,
+        })
+    }
+
+    /// The server's version as `server_version_num` counts it (150018 for 15.18), from
+    /// the `server_version` it reported at startup.
+    pub fn server_version_num(&self) -> Option<u32> {
+        self.conn
+            .parameter("server_version")
+            .and_then(wire::parse_server_version)
     }
 
     /// `CREATE_REPLICATION_SLOT name [TEMPORARY] LOGICAL pgoutput (SNAPSHOT 'export')`.
@@ -163,7 +238,7 @@ impl ReplicationSession {
             "CREATE_REPLICATION_SLOT {name}{} LOGICAL pgoutput (SNAPSHOT 'export')",
             if temporary { " TEMPORARY" } else { "" }
         );
-        let rows = self.client.simple_query(&sql).await.map_err(|e| {
+        let rows = self.conn.simple_query(&sql).await.map_err(|e| {
             wire_error(
                 &format!("create replication slot \"{name}\""),
                 &self.endpoint,
@@ -192,118 +267,237 @@ impl ReplicationSession {
         })
     }
 
-    /// Start streaming from the slot. `confirmed` is what the target has durably applied:
-    /// it is what the slot is told until the caller confirms more.
-    pub async fn start(mut self) -> Result<ReplicationStream> {
-        self.client
-            .start()
-            .await
-            .map_err(|e| wire_error("start replication", &self.endpoint, e))?;
-        self.client
-            .wait_started()
+    /// Start streaming from the slot with pgoutput protocol 1. The start LSN given to
+    /// [`connect`](Self::connect) is what the target has durably applied: it is what the
+    /// slot is told until the caller confirms more.
+    pub async fn start(self) -> Result<ReplicationStream> {
+        self.start_with(StartOptions::default()).await
+    }
+
+    /// Start streaming with the given pgoutput options (`streaming` needs PostgreSQL 14+
+    /// and protocol 2 or later; the server refuses what it does not support).
+    pub async fn start_with(self, opts: StartOptions) -> Result<ReplicationStream> {
+        let destream = opts.stream_spool.map(Destreamer::new).transpose()?;
+        let command = wire::start_replication_command(
+            &self.slot,
+            self.start,
+            opts.proto_version,
+            &self.publication,
+            destream.is_some(),
+        );
+        let inner = self
+            .conn
+            .start_replication(&command, self.start, wire::StreamConfig::default())
             .await
             .map_err(|e| wire_error("start replication", &self.endpoint, e))?;
         Ok(ReplicationStream {
-            client: self.client,
+            inner,
             endpoint: self.endpoint,
             in_stream: false,
-            last_confirm: Lsn::ZERO,
+            destream,
         })
     }
 }
 
-/// A started replication stream.
+/// A started replication stream. Dropping it closes the connection.
 pub struct ReplicationStream {
-    client: ReplicationClient,
+    inner: wire::Stream,
     endpoint: String,
+    /// Between Stream Start and Stream Stop (protocol 2 streaming).
     in_stream: bool,
-    last_confirm: Lsn,
+    /// With streaming: the spool of in-progress transactions.
+    destream: Option<Destreamer>,
+}
+
+impl std::fmt::Debug for ReplicationStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReplicationStream")
+            .field("endpoint", &self.endpoint)
+            .field("inner", &self.inner)
+            .field("in_stream", &self.in_stream)
+            .field("destream", &self.destream)
+            .finish()
+    }
+}
+
+/// The event a decoded message is, if any (logical decoding messages carry no rows).
+fn event(msg: LogicalMessage) -> Option<StreamEvent> {
+    Some(match msg {
+        LogicalMessage::Begin(b) => StreamEvent::Begin(b),
+        LogicalMessage::Commit(c) => StreamEvent::Commit(c),
+        LogicalMessage::Message(_) => return None,
+        other => StreamEvent::Message(other),
+    })
 }
 
 impl ReplicationStream {
-    /// The next event; `None` when the server ended the stream cleanly.
+    /// The next event; `None` when the server ended the stream cleanly. Cancel-safe (the
+    /// only wait is for the next raw event). Logical decoding messages (`M`,
+    /// pg_logical_emit_message) carry no row changes and are skipped.
     pub async fn next(&mut self) -> Result<Option<StreamEvent>> {
         loop {
-            let event = self
-                .client
-                .recv()
-                .await
-                .map_err(|e| wire_error("receive the replication stream", &self.endpoint, e))?;
-            let Some(event) = event else { return Ok(None) };
-            let out = match event {
-                ReplicationEvent::Begin {
-                    final_lsn,
-                    xid,
-                    commit_time_micros,
-                } => StreamEvent::Begin(Begin {
-                    final_lsn: to_lsn(final_lsn),
-                    commit_timestamp: commit_time_micros,
-                    xid,
-                }),
-                ReplicationEvent::Commit {
-                    lsn,
-                    end_lsn,
-                    commit_time_micros,
-                } => StreamEvent::Commit(Commit {
-                    flags: 0,
-                    commit_lsn: to_lsn(lsn),
-                    end_lsn: to_lsn(end_lsn),
-                    commit_timestamp: commit_time_micros,
-                }),
-                ReplicationEvent::XLogData { data, .. } => {
-                    let msg = decode::decode_bytes(&data, self.in_stream).map_err(|e| {
-                        Error::operator(format!("could not decode the replication stream: {e}"))
-                            .hint("this is a bug in cutover or an unsupported server; report it with the server version")
-                    })?;
+            // A streamed transaction that committed is handed on first, whole. Reading it
+            // back does not await, so this stays cancel-safe.
+            if let Some(d) = &mut self.destream
+                && d.replaying()
+            {
+                match d.replay_next()? {
+                    Some(msg) => match event(msg) {
+                        Some(e) => return Ok(Some(e)),
+                        None => continue,
+                    },
+                    None => continue,
+                }
+            }
+            let Some(raw) = self.next_raw().await? else {
+                return Ok(None);
+            };
+            let data = match raw {
+                RawEvent::KeepAlive { wal_end } => {
+                    return Ok(Some(StreamEvent::KeepAlive { wal_end }));
+                }
+                RawEvent::XLogData { data, .. } => data,
+            };
+            let in_stream = match &self.destream {
+                Some(d) => d.in_stream(),
+                None => self.in_stream,
+            };
+            let msg = decode::decode_bytes(&data, in_stream).map_err(|e| {
+                Error::operator(format!("could not decode the replication stream: {e}"))
+                    .hint("this is a bug in cutover or an unsupported server; report it with the server version")
+            })?;
+            let msg = match &mut self.destream {
+                Some(d) => match d.push(&data, msg)? {
+                    Pushed::Pass(msg) => msg,
+                    Pushed::Held | Pushed::Replay => continue,
+                },
+                None => {
                     match &msg {
                         LogicalMessage::StreamStart(_) => self.in_stream = true,
                         LogicalMessage::StreamStop => self.in_stream = false,
                         _ => {}
                     }
-                    StreamEvent::Message(msg)
+                    msg
                 }
-                ReplicationEvent::KeepAlive { wal_end, .. } => StreamEvent::KeepAlive {
-                    wal_end: to_lsn(wal_end),
-                },
-                // Logical decoding messages (pg_logical_emit_message) carry no row changes.
-                ReplicationEvent::Message { .. } => continue,
-                ReplicationEvent::StoppedAt { .. } => return Ok(None),
             };
-            return Ok(Some(out));
+            if let Some(e) = event(msg) {
+                return Ok(Some(e));
+            }
         }
+    }
+
+    /// Streamed transactions received in part, not committed or aborted yet.
+    pub fn streamed_in_progress(&self) -> usize {
+        self.destream
+            .as_ref()
+            .map_or(0, Destreamer::open_transactions)
+    }
+
+    /// The next event as the server sent it, undecoded; `None` when the server ended the
+    /// stream cleanly (CopyDone). Cancel-safe.
+    pub async fn next_raw(&mut self) -> Result<Option<RawEvent>> {
+        self.inner
+            .recv()
+            .await
+            .map_err(|e| wire_error("receive the replication stream", &self.endpoint, e))
     }
 
     /// Tell the server that everything up to `lsn` is durable on the target. Monotonic;
     /// sent on the session's next status update (within 250 ms, or at once when the
     /// server asks).
     pub fn confirm(&mut self, lsn: Lsn) {
-        self.last_confirm = self.last_confirm.max(lsn);
-        self.client
-            .update_applied_lsn(pgwire_replication::Lsn::from_u64(lsn.0));
+        self.inner.confirm(lsn);
     }
 
     /// The last position the server was told about in a standby status update.
     pub fn confirmed_to_server(&self) -> Lsn {
-        to_lsn(self.client.metrics().last_applied_lsn())
+        self.inner.sent()
     }
 
     /// The server's WAL end as last seen on the stream.
     pub fn server_wal_end(&self) -> Lsn {
-        to_lsn(self.client.metrics().last_wal_end())
+        self.inner.wal_end()
     }
 
     /// End the stream cleanly (CopyDone), after waiting (up to `grace`) for the last
     /// confirmation to reach the server.
-    pub async fn shutdown(mut self, grace: std::time::Duration) {
-        let want = self.pending_confirm();
-        let deadline = tokio::time::Instant::now() + grace;
-        while self.confirmed_to_server() < want && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        let _ = self.client.shutdown().await;
+    pub async fn shutdown(self, grace: std::time::Duration) {
+        self.inner.shutdown(grace).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pg_source::wire::ServerError;
+
+    fn server(code: &str, message: &str) -> WireError {
+        WireError::Server(ServerError {
+            severity: "ERROR".into(),
+            code: code.into(),
+            message: message.into(),
+            detail: Some("the detail".into()),
+            hint: None,
+        })
     }
 
-    fn pending_confirm(&self) -> Lsn {
-        self.last_confirm
+    #[test]
+    fn server_errors_keep_their_text_and_are_classified() {
+        let e = wire_error(
+            "start replication",
+            "h:5432/db",
+            server(
+                "55000",
+                "Can no longer get changes from replication slot \"s\"",
+            ),
+        );
+        assert_eq!(
+            e.primary,
+            "could not start replication on h:5432/db: can no longer get changes from replication slot \"s\""
+        );
+        assert_eq!(e.detail.as_deref(), Some("the detail"));
+        assert_eq!(e.class, ErrorClass::NeedsOperator);
+        for code in ["08006", "57P01", "57P03", "53300", "40001", "40P01"] {
+            assert!(
+                wire_error("x", "e", server(code, "m")).is_transient(),
+                "{code}"
+            );
+        }
+        let e = wire_error(
+            "start replication",
+            "e",
+            server("55006", "replication slot \"s\" is active for PID 7"),
+        );
+        assert!(e.primary.contains("is active for PID 7"));
+        assert!(e.is_transient() && e.retry_for.is_some());
+        let e = wire_error(
+            "open",
+            "e",
+            server("28P01", "password authentication failed"),
+        );
+        assert_eq!(e.class, ErrorClass::NeedsOperator);
+        assert_eq!(e.hint.as_deref(), Some(AUTH_HINT));
+        let e = wire_error(
+            "open",
+            "e",
+            server("28000", "no pg_hba.conf entry for replication connection"),
+        );
+        assert_eq!(e.hint.as_deref(), Some(HBA_HINT));
+        let e = wire_error(
+            "open",
+            "e",
+            server(
+                "42501",
+                "must be superuser or replication role to start walsender",
+            ),
+        );
+        assert!(e.hint.as_deref().unwrap().contains("REPLICATION"));
+        assert!(wire_error("x", "e", WireError::Closed).is_transient());
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "Connection refused");
+        let e = wire_error("x", "e", WireError::Io(io));
+        assert!(e.is_transient());
+        assert_eq!(e.primary, "could not x on e: connection refused");
+        let e = wire_error("x", "e", WireError::Auth("the server asks for SSPI".into()));
+        assert_eq!(e.class, ErrorClass::NeedsOperator);
     }
 }

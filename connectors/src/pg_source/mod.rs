@@ -4,3 +4,5 @@
 pub mod client;
 pub mod decode;
 pub mod provision;
+pub mod spool;
+pub mod wire;

@@ -1,0 +1,1816 @@
+//! The PostgreSQL wire protocol of a replication connection (`replication=database`).
+//!
+//! Upstream tokio-postgres cannot speak CopyBoth, so the replication connection is ours:
+//! this module opens the socket (TCP, or a unix socket when the host is a directory), runs
+//! the startup and authentication (cleartext, MD5, SCRAM-SHA-256 without channel binding),
+//! runs replication commands with the simple query protocol, and, once `START_REPLICATION`
+//! has switched the session to CopyBoth, hands the socket to a task of its own
+//! ([`Stream`]). Message encoding, parsing and the authentication exchanges come from the
+//! `postgres-protocol` crate; the replication sub-protocol inside CopyData (`w` XLogData,
+//! `k` primary keepalive, `r` standby status update) is parsed and built here.
+//!
+//! # The streaming task
+//!
+//! The task owns the socket. It reads CopyData into one buffer with cancel-safe reads,
+//! turns each message into a [`RawEvent`] and hands it to the consumer through a bounded
+//! channel. A full channel stops the reads (TCP flow control then holds the server back),
+//! never the standby status updates: one is written every 250 ms, and at once when a
+//! keepalive asks for a reply, however slow the consumer is, so `wal_sender_timeout`
+//! never fires while a long transaction is being applied. The status update reports the
+//! confirmed LSN (shared with the consumer through an atomic) as written, flushed and
+//! applied.
+//!
+//! # Errors and secrets
+//!
+//! Failures are [`WireError`]s; `client.rs` words them for the operator. The password is
+//! only ever handed to the authentication exchanges: no error, log line or `Debug` output
+//! of this module contains it. Nothing here panics on input from the network: frame
+//! lengths are checked (at least 4, at most [`MAX_FRAME`]) before anything is buffered
+//! for them, and every field read is bounds-checked.
+
+use std::fmt;
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, Bytes, BytesMut};
+use postgres_protocol::authentication::md5_hash;
+use postgres_protocol::authentication::sasl::{self, ChannelBinding, ScramSha256};
+use postgres_protocol::message::backend::{ErrorFields, Message};
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_postgres::fallible_iterator::FallibleIterator;
+
+use crate::ident::{quote_ident, quote_literal};
+use crate::lsn::Lsn;
+
+/// The largest backend message accepted, length field included: the server's own limit
+/// for a message (1 GiB) plus room for the headers around it.
+pub const MAX_FRAME: usize = (1 << 30) + 64 * 1024;
+
+/// How often a standby status update is sent while streaming.
+pub const STATUS_INTERVAL: Duration = Duration::from_millis(250);
+
+/// How many events may wait for the consumer before the task stops reading.
+pub const CHANNEL_CAPACITY: usize = 1024;
+
+/// How long the task waits for the server's side of the CopyBoth close.
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
+
+/// Read at least this much at a time.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 00:00:00 UTC).
+const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+/// A failure on the replication connection.
+#[derive(Debug)]
+pub enum WireError {
+    /// The socket failed (connect, read or write).
+    Io(io::Error),
+    /// The server closed the connection.
+    Closed,
+    /// The server answered with an ErrorResponse.
+    Server(ServerError),
+    /// Authentication cannot go on on our side: a method we do not support, no password,
+    /// or a SCRAM exchange that does not verify.
+    Auth(String),
+    /// The server sent something malformed or unexpected.
+    Protocol(String),
+}
+
+impl fmt::Display for WireError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WireError::Io(e) => write!(f, "{e}"),
+            WireError::Closed => f.write_str("the server closed the connection"),
+            WireError::Server(e) => f.write_str(&e.message),
+            WireError::Auth(m) => f.write_str(m),
+            WireError::Protocol(m) => write!(f, "protocol violation: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for WireError {}
+
+impl From<io::Error> for WireError {
+    fn from(e: io::Error) -> Self {
+        WireError::Io(e)
+    }
+}
+
+/// The fields of an ErrorResponse (or NoticeResponse) that we keep.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServerError {
+    /// `S` (localized) or `V` (never localized, PostgreSQL 9.6+).
+    pub severity: String,
+    /// `C`: the SQLSTATE, empty when missing.
+    pub code: String,
+    /// `M`: the primary message.
+    pub message: String,
+    /// `D`.
+    pub detail: Option<String>,
+    /// `H`.
+    pub hint: Option<String>,
+}
+
+impl ServerError {
+    fn from_fields(mut fields: ErrorFields<'_>) -> Self {
+        let mut out = ServerError::default();
+        // A malformed field list keeps what was read before the fault.
+        while let Ok(Some(field)) = fields.next() {
+            let value = String::from_utf8_lossy(field.value_bytes()).into_owned();
+            match field.type_() {
+                b'V' => out.severity = value,
+                b'S' if out.severity.is_empty() => out.severity = value,
+                b'C' => out.code = value,
+                b'M' => out.message = value,
+                b'D' => out.detail = Some(value),
+                b'H' => out.hint = Some(value),
+                _ => {}
+            }
+        }
+        if out.message.is_empty() {
+            out.message = if out.code.is_empty() {
+                "unknown server error".to_string()
+            } else {
+                format!("server error {}", out.code)
+            };
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Framing
+// ---------------------------------------------------------------------------------------
+
+/// One backend message.
+enum Backend {
+    /// A message `postgres-protocol` parses.
+    Message(Message),
+    /// `W`: CopyBothResponse (its column formats do not matter to us).
+    CopyBoth,
+    /// A message of another type (`v` NegotiateProtocolVersion, for one).
+    Other(u8),
+}
+
+/// The total size (type byte included) of the message at the start of `buf`, once its
+/// header is there. Checks the length field.
+fn frame_size(buf: &[u8]) -> Result<Option<usize>, WireError> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+    if len < 4 {
+        return Err(WireError::Protocol(format!(
+            "message of type {} has an invalid length {len}",
+            tag_name(buf[0])
+        )));
+    }
+    if len > MAX_FRAME {
+        return Err(WireError::Protocol(format!(
+            "message of type {} announces {len} bytes, more than the limit of {MAX_FRAME}",
+            tag_name(buf[0])
+        )));
+    }
+    Ok(Some(len + 1))
+}
+
+/// A message type byte, printable.
+fn tag_name(tag: u8) -> String {
+    if tag.is_ascii_graphic() {
+        format!("'{}'", tag as char)
+    } else {
+        format!("0x{tag:02x}")
+    }
+}
+
+/// The authentication request codes `postgres-protocol` knows.
+const KNOWN_AUTH_CODES: [i32; 11] = [0, 2, 3, 5, 6, 7, 8, 9, 10, 11, 12];
+
+/// Take the next complete message off `buf`; `None` until one has fully arrived (the
+/// buffer keeps what it has).
+fn take_message(buf: &mut BytesMut) -> Result<Option<Backend>, WireError> {
+    let Some(size) = frame_size(buf)? else {
+        return Ok(None);
+    };
+    if buf.len() < size {
+        return Ok(None);
+    }
+    match buf[0] {
+        b'W' => {
+            buf.advance(size);
+            Ok(Some(Backend::CopyBoth))
+        }
+        b'R' => {
+            if size < 9 {
+                return Err(WireError::Protocol(
+                    "authentication request without a code".into(),
+                ));
+            }
+            let code = i32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]);
+            if !KNOWN_AUTH_CODES.contains(&code) {
+                return Err(WireError::Auth(format!(
+                    "the server asks for an authentication method cutover does not know (request code {code})"
+                )));
+            }
+            parse_known(buf)
+        }
+        b'1' | b'2' | b'3' | b'A' | b'c' | b'C' | b'd' | b'D' | b'E' | b'G' | b'H' | b'I'
+        | b'K' | b'n' | b'N' | b's' | b'S' | b't' | b'T' | b'Z' => parse_known(buf),
+        tag => {
+            buf.advance(size);
+            Ok(Some(Backend::Other(tag)))
+        }
+    }
+}
+
+fn parse_known(buf: &mut BytesMut) -> Result<Option<Backend>, WireError> {
+    let tag = buf[0];
+    match Message::parse(buf) {
+        Ok(Some(m)) => Ok(Some(Backend::Message(m))),
+        // Not reached: the whole frame is there.
+        Ok(None) => Err(WireError::Protocol(format!(
+            "incomplete message of type {}",
+            tag_name(tag)
+        ))),
+        Err(e) => Err(WireError::Protocol(format!(
+            "malformed message of type {}: {e}",
+            tag_name(tag)
+        ))),
+    }
+}
+
+/// Make room for the next read: the rest of a message whose header has arrived, and at
+/// least [`READ_CHUNK`] otherwise.
+fn reserve_for_read(buf: &mut BytesMut) {
+    let rest = match frame_size(buf) {
+        Ok(Some(size)) => size.saturating_sub(buf.len()),
+        _ => 0,
+    };
+    let want = rest.max(READ_CHUNK);
+    if buf.capacity() - buf.len() < want {
+        buf.reserve(want);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The replication sub-protocol (inside CopyData)
+// ---------------------------------------------------------------------------------------
+
+/// A message the server sends inside CopyData while streaming.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReplicationMessage {
+    /// `w`: WAL data (for a logical slot, one pgoutput message).
+    XLogData {
+        wal_start: Lsn,
+        wal_end: Lsn,
+        send_time: i64,
+        data: Bytes,
+    },
+    /// `k`: primary keepalive.
+    Keepalive {
+        wal_end: Lsn,
+        send_time: i64,
+        reply_requested: bool,
+    },
+}
+
+/// Parse the payload of a CopyData message from the server.
+pub fn parse_copy_data(payload: Bytes) -> Result<ReplicationMessage, WireError> {
+    let Some(&kind) = payload.first() else {
+        return Err(WireError::Protocol(
+            "empty CopyData message in the replication stream".into(),
+        ));
+    };
+    match kind {
+        b'w' => {
+            if payload.len() < 25 {
+                return Err(WireError::Protocol(format!(
+                    "XLogData message of {} bytes, shorter than its 25-byte header",
+                    payload.len()
+                )));
+            }
+            let mut h = &payload[1..25];
+            let wal_start = Lsn(h.get_u64());
+            let wal_end = Lsn(h.get_u64());
+            let send_time = h.get_i64();
+            Ok(ReplicationMessage::XLogData {
+                wal_start,
+                wal_end,
+                send_time,
+                data: payload.slice(25..),
+            })
+        }
+        b'k' => {
+            if payload.len() != 18 {
+                return Err(WireError::Protocol(format!(
+                    "primary keepalive message of {} bytes, not 18",
+                    payload.len()
+                )));
+            }
+            let mut h = &payload[1..18];
+            let wal_end = Lsn(h.get_u64());
+            let send_time = h.get_i64();
+            let reply_requested = h.get_u8() != 0;
+            Ok(ReplicationMessage::Keepalive {
+                wal_end,
+                send_time,
+                reply_requested,
+            })
+        }
+        other => Err(WireError::Protocol(format!(
+            "unknown message type {} in the replication stream",
+            tag_name(other)
+        ))),
+    }
+}
+
+/// Append a standby status update (`r`, in CopyData) reporting `lsn` as written, flushed
+/// and applied, at `now` (microseconds since 2000-01-01), asking for no reply.
+pub fn encode_status_update(lsn: Lsn, now: i64, out: &mut BytesMut) -> io::Result<()> {
+    let mut body = [0u8; 34];
+    body[0] = b'r';
+    body[1..9].copy_from_slice(&lsn.0.to_be_bytes());
+    body[9..17].copy_from_slice(&lsn.0.to_be_bytes());
+    body[17..25].copy_from_slice(&lsn.0.to_be_bytes());
+    body[25..33].copy_from_slice(&now.to_be_bytes());
+    body[33] = 0;
+    frontend::CopyData::new(&body[..])?.write(out);
+    Ok(())
+}
+
+/// The current time as PostgreSQL counts it in the replication protocol: microseconds
+/// since 2000-01-01 00:00:00 UTC.
+pub fn pg_now_micros() -> i64 {
+    let unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0);
+    unix.saturating_sub(PG_EPOCH_OFFSET_MICROS)
+}
+
+/// `START_REPLICATION SLOT "slot" LOGICAL X/Y (proto_version 'n', publication_names
+/// '"publication"'[, streaming 'on'])`. The publication is quoted as an identifier (so
+/// any name survives the server's split of the list) inside a string literal.
+pub fn start_replication_command(
+    slot: &str,
+    start: Lsn,
+    proto_version: u32,
+    publication: &str,
+    streaming: bool,
+) -> String {
+    let mut options = format!(
+        "proto_version '{proto_version}', publication_names {}",
+        quote_literal(&quote_ident(publication))
+    );
+    if streaming {
+        options.push_str(", streaming 'on'");
+    }
+    format!(
+        "START_REPLICATION SLOT {} LOGICAL {start} ({options})",
+        quote_ident(slot)
+    )
+}
+
+/// `server_version` as a number like `server_version_num`: "15.18 (Debian ...)" is
+/// 150018, "16beta1" 160000, "9.6.3" 90603.
+pub fn parse_server_version(text: &str) -> Option<u32> {
+    let text = text.trim();
+    let end = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let mut parts = text[..end].split('.');
+    let mut next = || -> Option<u32> {
+        match parts.next() {
+            Some(p) if !p.is_empty() => p.parse().ok(),
+            _ => None,
+        }
+    };
+    let major = next()?;
+    if major >= 10 {
+        let minor = next().unwrap_or(0);
+        major.checked_mul(10_000)?.checked_add(minor.min(9_999))
+    } else {
+        let minor = next().unwrap_or(0);
+        let patch = next().unwrap_or(0);
+        Some(major * 10_000 + minor.min(99) * 100 + patch.min(99))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The session before streaming
+// ---------------------------------------------------------------------------------------
+
+/// A socket we can speak the protocol on.
+pub trait Socket: AsyncRead + AsyncWrite + Send + Unpin {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Socket for T {}
+
+/// Open the socket: `{host}/.s.PGSQL.{port}` when `host` is a directory (starts with
+/// `/`), else TCP (with Nagle off: status updates are small and must leave at once).
+pub async fn open_socket(host: &str, port: u16) -> Result<Box<dyn Socket>, WireError> {
+    if host.starts_with('/') {
+        #[cfg(unix)]
+        {
+            let path = format!("{}/.s.PGSQL.{port}", host.trim_end_matches('/'));
+            let s = tokio::net::UnixStream::connect(&path).await?;
+            return Ok(Box::new(s));
+        }
+        #[cfg(not(unix))]
+        {
+            return Err(WireError::Io(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "unix sockets are not supported on this platform",
+            )));
+        }
+    }
+    let s = tokio::net::TcpStream::connect((host, port)).await?;
+    s.set_nodelay(true)?;
+    Ok(Box::new(s))
+}
+
+/// What the startup message carries. Deliberately without `Debug`: it holds the password.
+pub struct Startup<'a> {
+    pub user: &'a str,
+    pub database: &'a str,
+    pub application_name: &'a str,
+    /// The `options` startup parameter (`-c name=value ...`).
+    pub options: &'a str,
+    pub password: Option<&'a str>,
+}
+
+/// An authenticated replication session that is not streaming: it runs commands.
+pub struct Connection {
+    io: Box<dyn Socket>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    parameters: Vec<(String, String)>,
+    /// A command was interrupted (its future dropped): what the server says next is no
+    /// longer known, so the session takes no more commands.
+    interrupted: bool,
+}
+
+impl fmt::Debug for Connection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connection")
+            .field("server_version", &self.parameter("server_version"))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A row of a simple query's result, in text format.
+pub type Row = Vec<Option<Bytes>>;
+
+impl Connection {
+    /// Send the startup message on `io` and authenticate; returns when the server is
+    /// ready for a command.
+    pub async fn startup(io: Box<dyn Socket>, startup: &Startup<'_>) -> Result<Self, WireError> {
+        let mut conn = Connection {
+            io,
+            rbuf: BytesMut::with_capacity(8 * 1024),
+            wbuf: BytesMut::with_capacity(1024),
+            parameters: Vec::new(),
+            interrupted: false,
+        };
+        let params = [
+            ("user", startup.user),
+            ("database", startup.database),
+            ("replication", "database"),
+            ("application_name", startup.application_name),
+            ("options", startup.options),
+            ("client_encoding", "UTF8"),
+        ];
+        frontend::startup_message(params.iter().copied(), &mut conn.wbuf)?;
+        conn.flush().await?;
+        conn.authenticate(startup).await?;
+        Ok(conn)
+    }
+
+    async fn authenticate(&mut self, startup: &Startup<'_>) -> Result<(), WireError> {
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let msg = self.read().await?;
+            match msg {
+                Backend::Message(Message::AuthenticationOk) => {}
+                Backend::Message(Message::AuthenticationCleartextPassword) => {
+                    let password = need_password(startup, "cleartext password")?;
+                    frontend::password_message(password.as_bytes(), &mut self.wbuf)?;
+                    self.flush().await?;
+                }
+                Backend::Message(Message::AuthenticationMd5Password(body)) => {
+                    let password = need_password(startup, "MD5 password")?;
+                    let hash = md5_hash(startup.user.as_bytes(), password.as_bytes(), body.salt());
+                    frontend::password_message(hash.as_bytes(), &mut self.wbuf)?;
+                    self.flush().await?;
+                }
+                Backend::Message(Message::AuthenticationSasl(body)) => {
+                    let mut offered = Vec::new();
+                    let mut mechanisms = body.mechanisms();
+                    while let Some(m) = mechanisms.next().map_err(|e| {
+                        WireError::Protocol(format!("malformed SASL mechanism list: {e}"))
+                    })? {
+                        offered.push(m.to_string());
+                    }
+                    if !offered.iter().any(|m| m == sasl::SCRAM_SHA_256) {
+                        return Err(WireError::Auth(format!(
+                            "the server asks for SASL authentication with {}, and cutover supports only {} (without channel binding)",
+                            offered.join(", "),
+                            sasl::SCRAM_SHA_256
+                        )));
+                    }
+                    let password = need_password(startup, "SCRAM-SHA-256")?;
+                    let client =
+                        ScramSha256::new(password.as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response(
+                        sasl::SCRAM_SHA_256,
+                        client.message(),
+                        &mut self.wbuf,
+                    )?;
+                    self.flush().await?;
+                    scram = Some(client);
+                }
+                Backend::Message(Message::AuthenticationSaslContinue(body)) => {
+                    let client = scram.as_mut().ok_or_else(|| {
+                        WireError::Protocol("SASL continuation without a SASL exchange".into())
+                    })?;
+                    client.update(body.data()).map_err(|e| {
+                        WireError::Auth(format!("SCRAM-SHA-256 authentication failed: {e}"))
+                    })?;
+                    frontend::sasl_response(client.message(), &mut self.wbuf)?;
+                    self.flush().await?;
+                }
+                Backend::Message(Message::AuthenticationSaslFinal(body)) => {
+                    let client = scram.as_mut().ok_or_else(|| {
+                        WireError::Protocol("SASL completion without a SASL exchange".into())
+                    })?;
+                    client.finish(body.data()).map_err(|e| {
+                        WireError::Auth(format!(
+                            "SCRAM-SHA-256 authentication failed: the server's proof does not verify ({e})"
+                        ))
+                    })?;
+                }
+                Backend::Message(Message::AuthenticationKerberosV5) => {
+                    return Err(unsupported_method("Kerberos V5"));
+                }
+                Backend::Message(Message::AuthenticationScmCredential) => {
+                    return Err(unsupported_method("SCM credential"));
+                }
+                Backend::Message(
+                    Message::AuthenticationGss | Message::AuthenticationGssContinue(_),
+                ) => return Err(unsupported_method("GSSAPI")),
+                Backend::Message(Message::AuthenticationSspi) => {
+                    return Err(unsupported_method("SSPI"));
+                }
+                Backend::Message(Message::ReadyForQuery(_)) => return Ok(()),
+                // NegotiateProtocolVersion: we asked for 3.0 and no extensions, so
+                // nothing in it concerns us.
+                Backend::Other(b'v') => {}
+                other => self.common(other, "the startup")?,
+            }
+        }
+    }
+
+    /// The value of a parameter the server reported (ParameterStatus).
+    pub fn parameter(&self, name: &str) -> Option<&str> {
+        self.parameters
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Run one command with the simple query protocol; its rows in text format. A server
+    /// error leaves the session usable (the error is returned once the server is ready
+    /// again).
+    pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Row>, WireError> {
+        if self.interrupted {
+            return Err(WireError::Protocol(
+                "the session was interrupted in the middle of an earlier command".into(),
+            ));
+        }
+        self.interrupted = true;
+        frontend::query(sql, &mut self.wbuf)?;
+        self.flush().await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            match self.read().await? {
+                Backend::Message(Message::RowDescription(_)) => {}
+                Backend::Message(Message::DataRow(body)) => {
+                    let storage = body.buffer_bytes().clone();
+                    let mut ranges = body.ranges();
+                    let mut row = Vec::new();
+                    while let Some(range) = ranges
+                        .next()
+                        .map_err(|e| WireError::Protocol(format!("malformed data row: {e}")))?
+                    {
+                        row.push(range.map(|r| storage.slice(r)));
+                    }
+                    rows.push(row);
+                }
+                Backend::Message(Message::CommandComplete(_) | Message::EmptyQueryResponse) => {}
+                Backend::Message(Message::ErrorResponse(body)) => {
+                    error = Some(ServerError::from_fields(body.fields()));
+                }
+                Backend::Message(Message::ReadyForQuery(_)) => {
+                    self.interrupted = false;
+                    return match error {
+                        Some(e) => Err(WireError::Server(e)),
+                        None => Ok(rows),
+                    };
+                }
+                other => self.common(other, "a command")?,
+            }
+        }
+    }
+
+    /// Send `command` (`START_REPLICATION ...`) and, once the server answers with
+    /// CopyBothResponse, hand the socket to a streaming task. `confirmed` is what the
+    /// status updates report until [`Stream::confirm`] raises it.
+    pub async fn start_replication(
+        mut self,
+        command: &str,
+        confirmed: Lsn,
+        config: StreamConfig,
+    ) -> Result<Stream, WireError> {
+        if self.interrupted {
+            return Err(WireError::Protocol(
+                "the session was interrupted in the middle of an earlier command".into(),
+            ));
+        }
+        frontend::query(command, &mut self.wbuf)?;
+        self.flush().await?;
+        loop {
+            match self.read().await? {
+                Backend::CopyBoth => break,
+                Backend::Message(Message::ErrorResponse(body)) => {
+                    return Err(WireError::Server(ServerError::from_fields(body.fields())));
+                }
+                other => self.common(other, "START_REPLICATION")?,
+            }
+        }
+        Ok(Stream::spawn(self.io, self.rbuf, confirmed, config))
+    }
+
+    /// Messages that may come at any time; anything else is a protocol violation.
+    fn common(&mut self, msg: Backend, during: &str) -> Result<(), WireError> {
+        match msg {
+            Backend::Message(Message::ParameterStatus(body)) => {
+                let (Ok(name), Ok(value)) = (body.name(), body.value()) else {
+                    return Err(WireError::Protocol("malformed ParameterStatus".into()));
+                };
+                self.parameters.push((name.to_string(), value.to_string()));
+                Ok(())
+            }
+            Backend::Message(Message::BackendKeyData(_)) => Ok(()),
+            Backend::Message(Message::NoticeResponse(body)) => {
+                log_notice(body.fields());
+                Ok(())
+            }
+            Backend::Message(Message::ErrorResponse(body)) => {
+                Err(WireError::Server(ServerError::from_fields(body.fields())))
+            }
+            Backend::Message(m) => Err(WireError::Protocol(format!(
+                "unexpected message of type {} during {during}",
+                message_tag(&m)
+            ))),
+            Backend::CopyBoth => Err(WireError::Protocol(format!(
+                "unexpected CopyBothResponse during {during}"
+            ))),
+            Backend::Other(tag) => Err(WireError::Protocol(format!(
+                "unexpected message of type {} during {during}",
+                tag_name(tag)
+            ))),
+        }
+    }
+
+    async fn read(&mut self) -> Result<Backend, WireError> {
+        loop {
+            if let Some(msg) = take_message(&mut self.rbuf)? {
+                return Ok(msg);
+            }
+            reserve_for_read(&mut self.rbuf);
+            if self.io.read_buf(&mut self.rbuf).await? == 0 {
+                return Err(WireError::Closed);
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), WireError> {
+        self.io.write_all(&self.wbuf).await?;
+        self.wbuf.clear();
+        self.io.flush().await?;
+        Ok(())
+    }
+}
+
+fn need_password<'a>(startup: &Startup<'a>, method: &str) -> Result<&'a str, WireError> {
+    startup.password.ok_or_else(|| {
+        WireError::Auth(format!(
+            "the server asks for {method} authentication, and no password was given"
+        ))
+    })
+}
+
+fn unsupported_method(method: &str) -> WireError {
+    WireError::Auth(format!(
+        "the server asks for {method} authentication, which cutover does not support"
+    ))
+}
+
+fn log_notice(fields: ErrorFields<'_>) {
+    let n = ServerError::from_fields(fields);
+    tracing::debug!(
+        severity = %n.severity,
+        code = %n.code,
+        detail = n.detail.as_deref().unwrap_or(""),
+        "replication connection notice: {}",
+        n.message
+    );
+}
+
+/// The type byte of a parsed message, for errors.
+fn message_tag(m: &Message) -> String {
+    let tag = match m {
+        Message::ParseComplete => b'1',
+        Message::BindComplete => b'2',
+        Message::CloseComplete => b'3',
+        Message::NotificationResponse(_) => b'A',
+        Message::CopyDone => b'c',
+        Message::CommandComplete(_) => b'C',
+        Message::CopyData(_) => b'd',
+        Message::DataRow(_) => b'D',
+        Message::ErrorResponse(_) => b'E',
+        Message::CopyInResponse(_) => b'G',
+        Message::CopyOutResponse(_) => b'H',
+        Message::EmptyQueryResponse => b'I',
+        Message::BackendKeyData(_) => b'K',
+        Message::NoData => b'n',
+        Message::NoticeResponse(_) => b'N',
+        Message::PortalSuspended => b's',
+        Message::ParameterStatus(_) => b'S',
+        Message::ParameterDescription(_) => b't',
+        Message::RowDescription(_) => b'T',
+        Message::ReadyForQuery(_) => b'Z',
+        _ => b'R',
+    };
+    tag_name(tag)
+}
+
+// ---------------------------------------------------------------------------------------
+// Streaming
+// ---------------------------------------------------------------------------------------
+
+/// What the stream hands the consumer, in the order the server sent it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawEvent {
+    /// An XLogData message: for a logical slot, one pgoutput message in `data`.
+    XLogData {
+        wal_start: Lsn,
+        wal_end: Lsn,
+        data: Bytes,
+    },
+    /// A primary keepalive: the server is alive and has sent everything up to `wal_end`.
+    KeepAlive { wal_end: Lsn },
+}
+
+/// Tuning of the streaming task.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamConfig {
+    /// Events that may wait for the consumer.
+    pub capacity: usize,
+    /// Time between standby status updates.
+    pub status_interval: Duration,
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        Self {
+            capacity: CHANNEL_CAPACITY,
+            status_interval: STATUS_INTERVAL,
+        }
+    }
+}
+
+/// Positions shared by the task and the consumer.
+#[derive(Debug, Default)]
+struct Shared {
+    /// What the consumer confirmed (monotonic).
+    confirmed: AtomicU64,
+    /// The LSN in the last status update written to the socket.
+    sent: AtomicU64,
+    /// The highest WAL end the server reported.
+    wal_end: AtomicU64,
+}
+
+enum Item {
+    Event(RawEvent),
+    /// The server ended the stream (CopyDone).
+    End,
+    Failed(WireError),
+}
+
+/// A started stream: the consumer's side of the streaming task. Dropping it stops the
+/// task and closes the socket.
+pub struct Stream {
+    rx: mpsc::Receiver<Item>,
+    shared: Arc<Shared>,
+    stop: mpsc::Sender<Duration>,
+    task: Option<JoinHandle<()>>,
+    ended: bool,
+}
+
+impl fmt::Debug for Stream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Stream")
+            .field("confirmed", &self.confirmed())
+            .field("sent", &self.sent())
+            .field("wal_end", &self.wal_end())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Stream {
+    fn spawn(io: Box<dyn Socket>, rbuf: BytesMut, confirmed: Lsn, config: StreamConfig) -> Self {
+        let shared = Arc::new(Shared::default());
+        shared.confirmed.store(confirmed.0, Ordering::Release);
+        let (tx, rx) = mpsc::channel(config.capacity.max(1));
+        let (stop_tx, stop_rx) = mpsc::channel(1);
+        let (reader, writer) = tokio::io::split(io);
+        let worker = Worker {
+            reader,
+            writer,
+            rbuf,
+            wbuf: BytesMut::with_capacity(64),
+            shared: Arc::clone(&shared),
+            tx,
+            stop: stop_rx,
+            status_interval: config.status_interval,
+        };
+        let task = tokio::spawn(worker.run());
+        Stream {
+            rx,
+            shared,
+            stop: stop_tx,
+            task: Some(task),
+            ended: false,
+        }
+    }
+
+    /// The next event; `None` once the server ended the stream (CopyDone). Cancel-safe.
+    pub async fn recv(&mut self) -> Result<Option<RawEvent>, WireError> {
+        if self.ended {
+            return Ok(None);
+        }
+        match self.rx.recv().await {
+            Some(Item::Event(e)) => Ok(Some(e)),
+            Some(Item::End) => {
+                self.ended = true;
+                Ok(None)
+            }
+            Some(Item::Failed(e)) => Err(e),
+            None => Err(WireError::Closed),
+        }
+    }
+
+    /// Raise the confirmed LSN (never lowers it).
+    pub fn confirm(&self, lsn: Lsn) {
+        self.shared.confirmed.fetch_max(lsn.0, Ordering::AcqRel);
+    }
+
+    /// The confirmed LSN.
+    pub fn confirmed(&self) -> Lsn {
+        Lsn(self.shared.confirmed.load(Ordering::Acquire))
+    }
+
+    /// The LSN in the last status update written to the socket.
+    pub fn sent(&self) -> Lsn {
+        Lsn(self.shared.sent.load(Ordering::Acquire))
+    }
+
+    /// The highest WAL end the server reported.
+    pub fn wal_end(&self) -> Lsn {
+        Lsn(self.shared.wal_end.load(Ordering::Acquire))
+    }
+
+    /// End the stream: the task sends a last status update (waiting for it at most
+    /// `grace`), CopyDone, waits briefly for the server's answer, and closes.
+    pub async fn shutdown(mut self, grace: Duration) {
+        let Some(mut task) = self.task.take() else {
+            return;
+        };
+        if task.is_finished() {
+            return;
+        }
+        if self.stop.try_send(grace).is_err() {
+            task.abort();
+            return;
+        }
+        let limit = grace + CLOSE_WAIT + Duration::from_secs(1);
+        if tokio::time::timeout(limit, &mut task).await.is_err() {
+            task.abort();
+        }
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// How the streaming loop ended without an error.
+enum Ended {
+    /// The server sent CopyDone.
+    ServerDone,
+    /// The consumer asked to stop (with this grace for the last status update), or went
+    /// away.
+    Stop(Duration),
+}
+
+struct Worker {
+    reader: ReadHalf<Box<dyn Socket>>,
+    writer: WriteHalf<Box<dyn Socket>>,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    shared: Arc<Shared>,
+    tx: mpsc::Sender<Item>,
+    stop: mpsc::Receiver<Duration>,
+    status_interval: Duration,
+}
+
+impl Worker {
+    async fn run(mut self) {
+        match self.stream().await {
+            Ok(Ended::Stop(grace)) => {
+                self.close(grace, false).await;
+            }
+            Ok(Ended::ServerDone) => {
+                self.close(Duration::ZERO, true).await;
+                self.deliver(Item::End).await;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "replication stream failed");
+                self.deliver(Item::Failed(e)).await;
+            }
+        }
+    }
+
+    /// Hand the consumer a last item, unless it asks to stop first.
+    async fn deliver(&mut self, item: Item) {
+        tokio::select! {
+            _ = self.tx.send(item) => {}
+            _ = self.stop.recv() => {}
+        }
+    }
+
+    async fn stream(&mut self) -> Result<Ended, WireError> {
+        let mut ticker = tokio::time::interval(self.status_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut pending: Option<RawEvent> = None;
+        // A handle of our own: a permit borrows it across the select's handlers.
+        let tx = self.tx.clone();
+        loop {
+            // Hand over buffered messages while the channel has room; stop at the first
+            // one it has no room for (it waits in `pending`).
+            let mut reply = false;
+            loop {
+                if let Some(event) = pending.take() {
+                    match tx.try_reserve() {
+                        Ok(permit) => permit.send(Item::Event(event)),
+                        Err(mpsc::error::TrySendError::Full(())) => {
+                            pending = Some(event);
+                            break;
+                        }
+                        // The consumer is gone.
+                        Err(mpsc::error::TrySendError::Closed(())) => {
+                            return Ok(Ended::Stop(Duration::ZERO));
+                        }
+                    }
+                }
+                let Some(msg) = take_message(&mut self.rbuf)? else {
+                    break;
+                };
+                match msg {
+                    Backend::Message(Message::CopyData(body)) => {
+                        match parse_copy_data(body.into_bytes())? {
+                            ReplicationMessage::XLogData {
+                                wal_start,
+                                wal_end,
+                                data,
+                                ..
+                            } => {
+                                self.saw_wal_end(wal_end);
+                                pending = Some(RawEvent::XLogData {
+                                    wal_start,
+                                    wal_end,
+                                    data,
+                                });
+                            }
+                            ReplicationMessage::Keepalive {
+                                wal_end,
+                                reply_requested,
+                                ..
+                            } => {
+                                self.saw_wal_end(wal_end);
+                                reply |= reply_requested;
+                                pending = Some(RawEvent::KeepAlive { wal_end });
+                            }
+                        }
+                    }
+                    Backend::Message(Message::CopyDone) => return Ok(Ended::ServerDone),
+                    Backend::Message(Message::ErrorResponse(body)) => {
+                        return Err(WireError::Server(ServerError::from_fields(body.fields())));
+                    }
+                    Backend::Message(Message::NoticeResponse(body)) => log_notice(body.fields()),
+                    Backend::Message(Message::ParameterStatus(_)) => {}
+                    Backend::Message(m) => {
+                        return Err(WireError::Protocol(format!(
+                            "unexpected message of type {} in the replication stream",
+                            message_tag(&m)
+                        )));
+                    }
+                    Backend::CopyBoth => {
+                        return Err(WireError::Protocol(
+                            "unexpected CopyBothResponse in the replication stream".into(),
+                        ));
+                    }
+                    Backend::Other(tag) => {
+                        return Err(WireError::Protocol(format!(
+                            "unexpected message of type {} in the replication stream",
+                            tag_name(tag)
+                        )));
+                    }
+                }
+            }
+            if reply {
+                self.send_status().await?;
+            }
+            if pending.is_none() {
+                reserve_for_read(&mut self.rbuf);
+            }
+            tokio::select! {
+                biased;
+                grace = self.stop.recv() => {
+                    return Ok(Ended::Stop(grace.unwrap_or(Duration::ZERO)));
+                }
+                _ = ticker.tick() => self.send_status().await?,
+                permit = tx.reserve(), if pending.is_some() => match (permit, pending.take()) {
+                    (Ok(permit), Some(event)) => permit.send(Item::Event(event)),
+                    // The consumer is gone.
+                    (Err(_), _) => return Ok(Ended::Stop(Duration::ZERO)),
+                    (Ok(_), None) => {}
+                },
+                n = self.reader.read_buf(&mut self.rbuf), if pending.is_none() => {
+                    if n? == 0 {
+                        return Err(WireError::Closed);
+                    }
+                }
+            }
+        }
+    }
+
+    fn saw_wal_end(&self, wal_end: Lsn) {
+        self.shared.wal_end.fetch_max(wal_end.0, Ordering::AcqRel);
+    }
+
+    /// Write a standby status update with the confirmed LSN.
+    async fn send_status(&mut self) -> Result<(), WireError> {
+        let lsn = self.shared.confirmed.load(Ordering::Acquire);
+        self.wbuf.clear();
+        encode_status_update(Lsn(lsn), pg_now_micros(), &mut self.wbuf)?;
+        self.writer.write_all(&self.wbuf).await?;
+        self.writer.flush().await?;
+        self.shared.sent.fetch_max(lsn, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// End CopyBoth on our side and close the connection: a last status update (within
+    /// `grace`), CopyDone, the server's answer (at most [`CLOSE_WAIT`]), Terminate.
+    async fn close(&mut self, grace: Duration, server_done: bool) {
+        if !server_done {
+            match tokio::time::timeout(grace.max(Duration::from_millis(100)), self.send_status())
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "could not send the last status update");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!("the last status update did not leave in time");
+                    return;
+                }
+            }
+        }
+        let closed = tokio::time::timeout(CLOSE_WAIT, async {
+            self.wbuf.clear();
+            frontend::copy_done(&mut self.wbuf);
+            self.writer.write_all(&self.wbuf).await?;
+            self.writer.flush().await?;
+            // The server may still be sending data; skip it until it is ready again.
+            loop {
+                while let Some(msg) = take_message(&mut self.rbuf)? {
+                    if let Backend::Message(Message::ReadyForQuery(_) | Message::ErrorResponse(_)) =
+                        msg
+                    {
+                        return Ok::<_, WireError>(());
+                    }
+                }
+                reserve_for_read(&mut self.rbuf);
+                if self.reader.read_buf(&mut self.rbuf).await? == 0 {
+                    return Err(WireError::Closed);
+                }
+            }
+        })
+        .await;
+        if let Ok(Err(e)) = &closed {
+            tracing::debug!(error = %e, "replication stream closed uncleanly");
+        }
+        self.wbuf.clear();
+        frontend::terminate(&mut self.wbuf);
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            self.writer.write_all(&self.wbuf).await?;
+            self.writer.shutdown().await
+        })
+        .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::DuplexStream;
+
+    fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut v = vec![tag];
+        v.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        v.extend_from_slice(body);
+        v
+    }
+
+    fn xlog(wal_start: u64, wal_end: u64, data: &[u8]) -> Vec<u8> {
+        let mut p = vec![b'w'];
+        p.extend_from_slice(&wal_start.to_be_bytes());
+        p.extend_from_slice(&wal_end.to_be_bytes());
+        p.extend_from_slice(&7i64.to_be_bytes());
+        p.extend_from_slice(data);
+        frame(b'd', &p)
+    }
+
+    fn keepalive(wal_end: u64, reply: bool) -> Vec<u8> {
+        let mut p = vec![b'k'];
+        p.extend_from_slice(&wal_end.to_be_bytes());
+        p.extend_from_slice(&9i64.to_be_bytes());
+        p.push(u8::from(reply));
+        frame(b'd', &p)
+    }
+
+    fn error_response(code: &str, message: &str) -> Vec<u8> {
+        let mut p = Vec::new();
+        for (t, v) in [
+            (b'S', "ERROR"),
+            (b'V', "ERROR"),
+            (b'C', code),
+            (b'M', message),
+        ] {
+            p.push(t);
+            p.extend_from_slice(v.as_bytes());
+            p.push(0);
+        }
+        p.extend_from_slice(b"Dthe detail\0Hthe hint\0\0");
+        frame(b'E', &p)
+    }
+
+    #[test]
+    fn frames_are_taken_whole_across_split_reads() {
+        let mut wire = Vec::new();
+        wire.extend(xlog(1, 2, b"hello"));
+        wire.extend(keepalive(3, true));
+        wire.extend(frame(b'c', b""));
+        let mut buf = BytesMut::new();
+        let mut got = Vec::new();
+        for b in wire {
+            buf.extend_from_slice(&[b]);
+            while let Some(msg) = take_message(&mut buf).unwrap() {
+                got.push(match msg {
+                    Backend::Message(Message::CopyData(body)) => {
+                        format!("{:?}", parse_copy_data(body.into_bytes()).unwrap())
+                    }
+                    Backend::Message(Message::CopyDone) => "done".into(),
+                    _ => "other".into(),
+                });
+            }
+        }
+        assert!(buf.is_empty());
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert!(
+            got[0].contains("XLogData") && got[0].contains("b\"hello\""),
+            "{got:?}"
+        );
+        assert!(got[1].contains("reply_requested: true"), "{got:?}");
+        assert_eq!(got[2], "done");
+    }
+
+    #[test]
+    fn bad_frame_lengths_are_errors() {
+        for len in [0u32, 1, 3] {
+            let mut buf = BytesMut::from(&[b'd', 0, 0, 0, len as u8][..]);
+            assert!(matches!(
+                take_message(&mut buf),
+                Err(WireError::Protocol(_))
+            ));
+        }
+        let mut buf = BytesMut::from(&[b'd', 0xff, 0xff, 0xff, 0xff][..]);
+        let err = take_message(&mut buf).err().unwrap();
+        assert!(err.to_string().contains("limit"), "{err}");
+        // A huge announced size reserves nothing before it is refused.
+        assert!(buf.capacity() < 1024);
+        // Exactly 4: an empty body is fine.
+        let mut buf = BytesMut::from(&frame(b'c', b"")[..]);
+        assert!(matches!(
+            take_message(&mut buf),
+            Ok(Some(Backend::Message(Message::CopyDone)))
+        ));
+    }
+
+    #[test]
+    fn malformed_known_messages_are_errors_not_panics() {
+        // ReadyForQuery without its status byte, ParameterStatus without NULs, a data
+        // row whose column length runs past the end, CopyDone with a body.
+        for f in [
+            frame(b'Z', b""),
+            frame(b'S', b"abc"),
+            frame(b'D', &[0, 1, 0, 0, 0, 9, b'x']),
+            frame(b'c', b"x"),
+            frame(b'R', b""),
+            frame(b'R', &[0, 0, 0, 99]),
+        ] {
+            let mut buf = BytesMut::from(&f[..]);
+            match take_message(&mut buf) {
+                Err(_) => {}
+                Ok(Some(Backend::Message(Message::DataRow(body)))) => {
+                    let mut r = body.ranges();
+                    assert!(r.next().is_err());
+                }
+                Ok(_) => panic!("accepted {f:?}"),
+            }
+        }
+        let mut buf = BytesMut::from(&frame(b'R', &[0, 0, 0, 99])[..]);
+        let err = take_message(&mut buf).err().unwrap();
+        assert!(err.to_string().contains("request code 99"), "{err}");
+    }
+
+    #[test]
+    fn copy_data_payloads_parse_and_short_ones_fail() {
+        let mut p = vec![b'w'];
+        p.extend_from_slice(&0x10u64.to_be_bytes());
+        p.extend_from_slice(&0x20u64.to_be_bytes());
+        p.extend_from_slice(&5i64.to_be_bytes());
+        p.extend_from_slice(b"B...");
+        assert_eq!(
+            parse_copy_data(Bytes::from(p.clone())).unwrap(),
+            ReplicationMessage::XLogData {
+                wal_start: Lsn(0x10),
+                wal_end: Lsn(0x20),
+                send_time: 5,
+                data: Bytes::from_static(b"B..."),
+            }
+        );
+        // An empty payload after the header is valid.
+        assert!(parse_copy_data(Bytes::from(p[..25].to_vec())).is_ok());
+        for n in 0..25 {
+            assert!(
+                parse_copy_data(Bytes::from(p[..n].to_vec())).is_err(),
+                "{n}"
+            );
+        }
+        let mut k = vec![b'k'];
+        k.extend_from_slice(&0x30u64.to_be_bytes());
+        k.extend_from_slice(&6i64.to_be_bytes());
+        k.push(1);
+        assert_eq!(
+            parse_copy_data(Bytes::from(k.clone())).unwrap(),
+            ReplicationMessage::Keepalive {
+                wal_end: Lsn(0x30),
+                send_time: 6,
+                reply_requested: true,
+            }
+        );
+        for n in 0..18 {
+            assert!(
+                parse_copy_data(Bytes::from(k[..n].to_vec())).is_err(),
+                "{n}"
+            );
+        }
+        k.push(0);
+        assert!(parse_copy_data(Bytes::from(k)).is_err());
+        let err = parse_copy_data(Bytes::from_static(b"zzz")).unwrap_err();
+        assert!(err.to_string().contains("'z'"), "{err}");
+    }
+
+    #[test]
+    fn status_update_encoding() {
+        let mut out = BytesMut::new();
+        encode_status_update(Lsn(0x0102_0304_0506_0708), 0x1122, &mut out).unwrap();
+        let mut want = vec![b'd', 0, 0, 0, 38, b'r'];
+        for _ in 0..3 {
+            want.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]);
+        }
+        want.extend_from_slice(&0x1122i64.to_be_bytes());
+        want.push(0);
+        assert_eq!(&out[..], &want[..]);
+        // The clock is PostgreSQL's: 2000-01-01 is zero, so today is well past 20 years.
+        assert!(pg_now_micros() > 20 * 365 * 86_400 * 1_000_000);
+    }
+
+    #[test]
+    fn start_command_quotes_the_publication_inside_a_literal() {
+        assert_eq!(
+            start_replication_command("cutover_job", Lsn(0x1_0000_0010), 1, "cutover_job", false),
+            "START_REPLICATION SLOT \"cutover_job\" LOGICAL 1/10 (proto_version '1', publication_names '\"cutover_job\"')"
+        );
+        assert_eq!(
+            start_replication_command("s", Lsn(0), 2, "we\"ird'pub, x", true),
+            "START_REPLICATION SLOT \"s\" LOGICAL 0/0 (proto_version '2', publication_names '\"we\"\"ird''pub, x\"', streaming 'on')"
+        );
+    }
+
+    #[test]
+    fn server_versions() {
+        assert_eq!(
+            parse_server_version("15.18 (Debian 15.18-1.pgdg120+1)"),
+            Some(150018)
+        );
+        assert_eq!(parse_server_version("16beta1"), Some(160000));
+        assert_eq!(parse_server_version("17.0"), Some(170000));
+        assert_eq!(parse_server_version("14devel"), Some(140000));
+        assert_eq!(parse_server_version("9.6.3"), Some(90603));
+        assert_eq!(parse_server_version("10.23"), Some(100023));
+        assert_eq!(parse_server_version(""), None);
+        assert_eq!(parse_server_version("beta"), None);
+        assert_eq!(parse_server_version("99999999999.1"), None);
+    }
+
+    #[test]
+    fn error_fields_are_kept() {
+        let f = error_response("55006", "replication slot \"s\" is active for PID 42");
+        let mut buf = BytesMut::from(&f[..]);
+        let Some(Backend::Message(Message::ErrorResponse(body))) = take_message(&mut buf).unwrap()
+        else {
+            panic!("not an error response");
+        };
+        let e = ServerError::from_fields(body.fields());
+        assert_eq!(e.code, "55006");
+        assert_eq!(e.severity, "ERROR");
+        assert_eq!(e.message, "replication slot \"s\" is active for PID 42");
+        assert_eq!(e.detail.as_deref(), Some("the detail"));
+        assert_eq!(e.hint.as_deref(), Some("the hint"));
+        // Truncated field lists keep what came before.
+        let mut buf = BytesMut::from(&frame(b'E', b"C08006\0Mgone")[..]);
+        let Some(Backend::Message(Message::ErrorResponse(body))) = take_message(&mut buf).unwrap()
+        else {
+            panic!("not an error response");
+        };
+        let e = ServerError::from_fields(body.fields());
+        assert_eq!(e.code, "08006");
+        assert_eq!(e.message, "server error 08006");
+    }
+
+    // --- With a scripted server on an in-memory pipe ---------------------------------
+
+    /// Read one frontend message (type byte and body) from the fake server's end.
+    async fn read_frontend(server: &mut DuplexStream) -> (u8, Vec<u8>) {
+        let tag = server.read_u8().await.unwrap();
+        let len = server.read_u32().await.unwrap() as usize;
+        let mut body = vec![0; len - 4];
+        server.read_exact(&mut body).await.unwrap();
+        (tag, body)
+    }
+
+    fn ready() -> Vec<u8> {
+        frame(b'Z', b"I")
+    }
+
+    async fn serve_startup(server: &mut DuplexStream, auth: &[u8]) -> Vec<u8> {
+        // The startup message has no type byte.
+        let len = server.read_u32().await.unwrap() as usize;
+        let mut startup = vec![0; len - 4];
+        server.read_exact(&mut startup).await.unwrap();
+        server.write_all(auth).await.unwrap();
+        startup
+    }
+
+    fn startup<'a>(password: Option<&'a str>) -> Startup<'a> {
+        Startup {
+            user: "alice",
+            database: "db",
+            application_name: "cutover/test",
+            options: "-c TimeZone=UTC",
+            password,
+        }
+    }
+
+    #[tokio::test]
+    async fn md5_startup_sends_the_parameters_and_the_hash() {
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let conn = tokio::spawn(async move {
+            Connection::startup(Box::new(client), &startup(Some("s3cret"))).await
+        });
+        let params = serve_startup(&mut server, &frame(b'R', &[0, 0, 0, 5, 1, 2, 3, 4])).await;
+        let text = String::from_utf8_lossy(&params).into_owned();
+        for pair in [
+            "user\0alice\0",
+            "database\0db\0",
+            "replication\0database\0",
+            "application_name\0cutover/test\0",
+            "options\0-c TimeZone=UTC\0",
+            "client_encoding\0UTF8\0",
+        ] {
+            assert!(text.contains(pair), "{pair:?} missing from {text:?}");
+        }
+        let (tag, body) = read_frontend(&mut server).await;
+        assert_eq!(tag, b'p');
+        let hash = md5_hash(b"alice", b"s3cret", [1, 2, 3, 4]);
+        assert_eq!(&body[..body.len() - 1], hash.as_bytes());
+        let mut answer = frame(b'R', &[0, 0, 0, 0]);
+        answer.extend(frame(b'S', b"server_version\x0015.18 (Debian 15.18-1)\0"));
+        answer.extend(frame(b'K', &[0, 0, 0, 1, 0, 0, 0, 2]));
+        answer.extend(frame(b'N', b"SNOTICE\0Mhello\0\0"));
+        answer.extend(ready());
+        server.write_all(&answer).await.unwrap();
+        let conn = conn.await.unwrap().unwrap();
+        assert_eq!(
+            conn.parameter("server_version"),
+            Some("15.18 (Debian 15.18-1)")
+        );
+        assert!(!format!("{conn:?}").contains("s3cret"));
+    }
+
+    #[tokio::test]
+    async fn authentication_failures_name_the_method_and_never_the_password() {
+        for (request, needle) in [
+            (vec![0, 0, 0, 7], "GSSAPI"),
+            (vec![0, 0, 0, 9], "SSPI"),
+            (vec![0, 0, 0, 2], "Kerberos"),
+            (
+                b"\0\0\0\x0aSCRAM-SHA-256-PLUS\0\0".to_vec(),
+                "SCRAM-SHA-256-PLUS",
+            ),
+        ] {
+            let (client, mut server) = tokio::io::duplex(64 * 1024);
+            let conn = tokio::spawn(async move {
+                Connection::startup(Box::new(client), &startup(Some("s3cret"))).await
+            });
+            serve_startup(&mut server, &frame(b'R', &request)).await;
+            let err = conn.await.unwrap().unwrap_err();
+            let text = format!("{err} {err:?}");
+            assert!(matches!(err, WireError::Auth(_)), "{text}");
+            assert!(text.contains(needle), "{text}");
+            assert!(!text.contains("s3cret"), "{text}");
+        }
+        // No password for a password request.
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let conn =
+            tokio::spawn(
+                async move { Connection::startup(Box::new(client), &startup(None)).await },
+            );
+        serve_startup(&mut server, &frame(b'R', &[0, 0, 0, 3])).await;
+        let err = conn.await.unwrap().unwrap_err();
+        assert!(err.to_string().contains("no password"), "{err}");
+        // The server refusing the password.
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let conn = tokio::spawn(async move {
+            Connection::startup(Box::new(client), &startup(Some("s3cret"))).await
+        });
+        serve_startup(&mut server, &frame(b'R', &[0, 0, 0, 3])).await;
+        let (tag, _) = read_frontend(&mut server).await;
+        assert_eq!(tag, b'p');
+        server
+            .write_all(&error_response(
+                "28P01",
+                "password authentication failed for user \"alice\"",
+            ))
+            .await
+            .unwrap();
+        match conn.await.unwrap().unwrap_err() {
+            WireError::Server(e) => {
+                assert_eq!(e.code, "28P01");
+                assert!(!format!("{e:?}").contains("s3cret"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A connection past startup, on a pipe.
+    fn connected() -> (Connection, DuplexStream) {
+        let (client, server) = tokio::io::duplex(1024 * 1024);
+        (
+            Connection {
+                io: Box::new(client),
+                rbuf: BytesMut::new(),
+                wbuf: BytesMut::new(),
+                parameters: Vec::new(),
+                interrupted: false,
+            },
+            server,
+        )
+    }
+
+    #[tokio::test]
+    async fn simple_query_returns_rows_and_errors_leave_the_session_usable() {
+        let (mut conn, mut server) = connected();
+        let script = tokio::spawn(async move {
+            let (tag, body) = read_frontend(&mut server).await;
+            assert_eq!(tag, b'Q');
+            assert_eq!(body, b"IDENTIFY_SYSTEM\0");
+            let mut answer = frame(b'T', &[0, 0]);
+            // Two columns: "abc" and NULL.
+            answer.extend(frame(
+                b'D',
+                &[0, 2, 0, 0, 0, 3, b'a', b'b', b'c', 0xff, 0xff, 0xff, 0xff],
+            ));
+            answer.extend(frame(b'C', b"IDENTIFY_SYSTEM\0"));
+            answer.extend(ready());
+            server.write_all(&answer).await.unwrap();
+            read_frontend(&mut server).await;
+            let mut answer = error_response("42710", "replication slot \"x\" already exists");
+            answer.extend(ready());
+            server.write_all(&answer).await.unwrap();
+            read_frontend(&mut server).await;
+            let mut answer = frame(b'I', b"");
+            answer.extend(ready());
+            server.write_all(&answer).await.unwrap();
+            server
+        });
+        let rows = conn.simple_query("IDENTIFY_SYSTEM").await.unwrap();
+        assert_eq!(rows, vec![vec![Some(Bytes::from_static(b"abc")), None]]);
+        match conn.simple_query("CREATE_REPLICATION_SLOT x").await {
+            Err(WireError::Server(e)) => assert!(e.message.contains("already exists")),
+            other => panic!("{other:?}"),
+        }
+        assert!(conn.simple_query("").await.unwrap().is_empty());
+        drop(script.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_command_poisons_the_session() {
+        let (mut conn, _server) = connected();
+        let r =
+            tokio::time::timeout(Duration::from_millis(20), conn.simple_query("SELECT 1")).await;
+        assert!(r.is_err());
+        let err = conn.simple_query("SELECT 1").await.unwrap_err();
+        assert!(err.to_string().contains("interrupted"), "{err}");
+    }
+
+    /// Start streaming on a pipe; the fake server has sent CopyBothResponse and `extra`.
+    async fn started(config: StreamConfig, extra: &[u8]) -> (Stream, DuplexStream) {
+        let (conn, mut server) = connected();
+        let mut answer = frame(b'W', &[0, 0, 0]);
+        answer.extend_from_slice(extra);
+        let server_side = tokio::spawn(async move {
+            let (tag, body) = read_frontend(&mut server).await;
+            assert_eq!(tag, b'Q');
+            assert!(body.starts_with(b"START_REPLICATION"));
+            server.write_all(&answer).await.unwrap();
+            server
+        });
+        let stream = conn
+            .start_replication(
+                "START_REPLICATION SLOT \"s\" LOGICAL 0/0 (proto_version '1')",
+                Lsn(0x100),
+                config,
+            )
+            .await
+            .unwrap();
+        (stream, server_side.await.unwrap())
+    }
+
+    /// The LSN in a frontend CopyData status update.
+    fn status_lsn(tag: u8, body: &[u8]) -> Option<u64> {
+        if tag != b'd' || body.first() != Some(&b'r') || body.len() != 34 {
+            return None;
+        }
+        let flush = u64::from_be_bytes(body[9..17].try_into().unwrap());
+        Some(flush)
+    }
+
+    #[tokio::test]
+    async fn events_flow_in_order_and_the_server_ending_is_none() {
+        // Data sent together with the CopyBothResponse is not lost.
+        let (mut stream, mut server) = started(StreamConfig::default(), &xlog(1, 5, b"a")).await;
+        server.write_all(&keepalive(9, false)).await.unwrap();
+        server.write_all(&xlog(10, 12, b"bc")).await.unwrap();
+        assert_eq!(
+            stream.recv().await.unwrap(),
+            Some(RawEvent::XLogData {
+                wal_start: Lsn(1),
+                wal_end: Lsn(5),
+                data: Bytes::from_static(b"a")
+            })
+        );
+        assert_eq!(
+            stream.recv().await.unwrap(),
+            Some(RawEvent::KeepAlive { wal_end: Lsn(9) })
+        );
+        assert!(matches!(
+            stream.recv().await.unwrap(),
+            Some(RawEvent::XLogData {
+                wal_start: Lsn(10),
+                ..
+            })
+        ));
+        assert_eq!(stream.wal_end(), Lsn(12));
+        // CopyDone from the server: we answer CopyDone, then Terminate.
+        server.write_all(&frame(b'c', b"")).await.unwrap();
+        let closer = tokio::spawn(async move {
+            loop {
+                let (tag, _) = read_frontend(&mut server).await;
+                if tag == b'c' {
+                    let mut answer = frame(b'C', b"START_REPLICATION\0");
+                    answer.extend(ready());
+                    server.write_all(&answer).await.unwrap();
+                }
+                if tag == b'X' {
+                    return;
+                }
+            }
+        });
+        assert_eq!(stream.recv().await.unwrap(), None);
+        assert_eq!(stream.recv().await.unwrap(), None);
+        tokio::time::timeout(Duration::from_secs(5), closer)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn status_updates_go_on_while_the_consumer_is_stuck() {
+        let config = StreamConfig {
+            capacity: 2,
+            status_interval: Duration::from_millis(20),
+        };
+        let (stream, server) = started(config, b"").await;
+        stream.confirm(Lsn(0x200));
+        stream.confirm(Lsn(0x150)); // never lowers it
+        // Far more than the channel holds, and more than the pipe buffers.
+        let writer_data: Vec<u8> = (0..5000u64).flat_map(|i| xlog(i, i, &[0; 300])).collect();
+        let (mut rd, mut wr) = tokio::io::split(server);
+        let writing = tokio::spawn(async move {
+            let _ = wr.write_all(&writer_data).await;
+            wr
+        });
+        // Nobody reads the stream; status updates still arrive, with the confirmed LSN.
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(400);
+        while tokio::time::Instant::now() < deadline {
+            let tag = rd.read_u8().await.unwrap();
+            let len = rd.read_u32().await.unwrap() as usize;
+            let mut body = vec![0; len - 4];
+            rd.read_exact(&mut body).await.unwrap();
+            if let Some(lsn) = status_lsn(tag, &body) {
+                seen.push(lsn);
+            }
+        }
+        assert!(seen.len() >= 5, "{seen:?}");
+        assert_eq!(*seen.last().unwrap(), 0x200);
+        // Recorded right after the write.
+        for _ in 0..100 {
+            if stream.sent() == Lsn(0x200) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(stream.sent(), Lsn(0x200));
+        assert!(
+            !writing.is_finished(),
+            "the task read everything: no backpressure"
+        );
+        drop(stream);
+        writing.abort();
+    }
+
+    #[tokio::test]
+    async fn a_keepalive_asking_for_a_reply_is_answered_at_once() {
+        let config = StreamConfig {
+            capacity: 16,
+            status_interval: Duration::from_secs(3600),
+        };
+        let (stream, mut server) = started(config, b"").await;
+        // The first tick comes at once.
+        let (tag, body) = read_frontend(&mut server).await;
+        assert_eq!(status_lsn(tag, &body), Some(0x100));
+        stream.confirm(Lsn(0x300));
+        server.write_all(&keepalive(0x400, true)).await.unwrap();
+        let (tag, body) = tokio::time::timeout(Duration::from_secs(2), read_frontend(&mut server))
+            .await
+            .unwrap();
+        assert_eq!(status_lsn(tag, &body), Some(0x300));
+        assert_eq!(stream.wal_end(), Lsn(0x400));
+    }
+
+    #[tokio::test]
+    async fn errors_mid_stream_eof_and_garbage_fail_the_stream() {
+        let (mut stream, mut server) = started(StreamConfig::default(), b"").await;
+        server
+            .write_all(&error_response(
+                "57P01",
+                "terminating connection due to administrator command",
+            ))
+            .await
+            .unwrap();
+        match stream.recv().await {
+            Err(WireError::Server(e)) => assert_eq!(e.code, "57P01"),
+            other => panic!("{other:?}"),
+        }
+        // After the failure the stream stays failed.
+        assert!(stream.recv().await.is_err());
+
+        let (mut stream, server) = started(StreamConfig::default(), &xlog(1, 1, b"x")).await;
+        drop(server);
+        assert!(stream.recv().await.unwrap().is_some());
+        assert!(matches!(stream.recv().await, Err(WireError::Closed)));
+
+        let (mut stream, mut server) = started(StreamConfig::default(), b"").await;
+        server.write_all(&frame(b'd', b"q")).await.unwrap();
+        assert!(matches!(stream.recv().await, Err(WireError::Protocol(_))));
+
+        let (mut stream, mut server) = started(StreamConfig::default(), b"").await;
+        server.write_all(&[b'd', 0, 0, 0, 2]).await.unwrap();
+        assert!(matches!(stream.recv().await, Err(WireError::Protocol(_))));
+    }
+
+    #[tokio::test]
+    async fn start_replication_refused_is_the_server_error() {
+        let (conn, mut server) = connected();
+        let script = tokio::spawn(async move {
+            read_frontend(&mut server).await;
+            let mut answer = error_response("55006", "replication slot \"s\" is active for PID 7");
+            answer.extend(ready());
+            server.write_all(&answer).await.unwrap();
+            server
+        });
+        match conn
+            .start_replication("START_REPLICATION", Lsn(0), StreamConfig::default())
+            .await
+        {
+            Err(WireError::Server(e)) => assert!(e.message.contains("is active for PID")),
+            other => panic!("{other:?}"),
+        }
+        drop(script.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn shutdown_sends_the_confirmation_copy_done_and_terminate() {
+        let config = StreamConfig {
+            capacity: 16,
+            status_interval: Duration::from_secs(3600),
+        };
+        let (stream, mut server) = started(config, b"").await;
+        let (tag, body) = read_frontend(&mut server).await;
+        assert_eq!(status_lsn(tag, &body), Some(0x100));
+        stream.confirm(Lsn(0x500));
+        let script = tokio::spawn(async move {
+            let mut seen = Vec::new();
+            loop {
+                let (tag, body) = read_frontend(&mut server).await;
+                seen.push((tag, status_lsn(tag, &body)));
+                if tag == b'c' {
+                    // Data still in flight, then the server's side of the close.
+                    let mut answer = xlog(1, 1, b"late");
+                    answer.extend(frame(b'c', b""));
+                    answer.extend(frame(b'C', b"START_REPLICATION\0"));
+                    answer.extend(ready());
+                    server.write_all(&answer).await.unwrap();
+                }
+                if tag == b'X' {
+                    return seen;
+                }
+            }
+        });
+        let started = std::time::Instant::now();
+        stream.shutdown(Duration::from_secs(5)).await;
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let seen = script.await.unwrap();
+        assert_eq!(seen, vec![(b'd', Some(0x500)), (b'c', None), (b'X', None)]);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_stream_closes_the_socket() {
+        let (stream, mut server) = started(StreamConfig::default(), b"").await;
+        drop(stream);
+        let mut sink = Vec::new();
+        // Reads whatever status update was sent, then EOF.
+        tokio::time::timeout(Duration::from_secs(2), server.read_to_end(&mut sink))
+            .await
+            .unwrap()
+            .unwrap();
+    }
+}
