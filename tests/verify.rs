@@ -375,3 +375,134 @@ async fn changed_keys_are_verified_again_between_full_passes() {
     .await;
     assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
 }
+
+/// A comparison that outlives `[verify] snapshot_max_age` takes fresh snapshots in the
+/// middle of the table and goes on after the last key it compared: every row is compared
+/// once (no gap, no overlap), the rows a writer changes meanwhile are not differences, and
+/// the corrupted keys in every part are reported exactly.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_pass_renews_its_snapshots_inside_a_table() {
+    let (src, dst) = tokio::join!(cluster("renew-src"), cluster("renew-dst"));
+    let schema = "CREATE TABLE public.big (id int PRIMARY KEY, n bigint, note text);
+                  CREATE TABLE public.words (k text PRIMARY KEY, v int);";
+    for c in [&src, &dst] {
+        c.create_database("db").await.unwrap();
+        c.execute("db", schema).await.unwrap();
+    }
+    src.execute(
+        "db",
+        "INSERT INTO big SELECT g, 0, 'b' || g FROM generate_series(1, 40000) g;
+         INSERT INTO words SELECT md5(g::text) || CASE WHEN g % 2 = 0 THEN 'Z' ELSE 'a' END, g
+           FROM generate_series(1, 30000) g;",
+    )
+    .await
+    .unwrap();
+    // 40000 rows at 20000 rows a second: about two seconds, in chunks of 10000 rows, so a
+    // one-second snapshot age is passed in the middle of the table.
+    let job = Job::write(
+        "renew",
+        &src.url("db"),
+        &dst.url("db"),
+        "[verify]\nevery = \"0\"\nmax_rows_per_second = 20000\nsnapshot_max_age = \"1s\"\n",
+    );
+    let mut daemon = Daemon::start(&job);
+    daemon
+        .wait_phase("streaming", Duration::from_secs(60))
+        .await;
+    let s = src.connect("db").await.unwrap();
+    let d = dst.connect("db").await.unwrap();
+    for t in ["public.big", "public.words"] {
+        wait_equal(&s, &d, t, t, Duration::from_secs(60), Some(&daemon)).await;
+    }
+
+    // Behind the daemon's back, in different parts of the table.
+    d.batch_execute(
+        "SET session_replication_role = replica;
+         UPDATE big SET note = 'tampered' WHERE id = 3;
+         DELETE FROM big WHERE id = 25000;
+         UPDATE big SET n = -1 WHERE id = 39999;
+         UPDATE words SET v = 0 WHERE v IN (7, 29999);",
+    )
+    .await
+    .unwrap();
+
+    // A writer keeps changing rows in every part of the table during the pass.
+    let writer = src.connect("db").await.unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop_w = stop.clone();
+    let task = tokio::spawn(async move {
+        let mut i: i64 = 0;
+        while !stop_w.load(std::sync::atomic::Ordering::Relaxed) {
+            i += 1;
+            let id = 10 + (i * 7919) % 39_000;
+            let id = if matches!(id, 3 | 25000 | 39999) {
+                id + 1
+            } else {
+                id
+            };
+            writer
+                .batch_execute(&format!("UPDATE big SET n = n + 1 WHERE id = {id}"))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        i
+    });
+
+    let (code, doc) = run_json(&["verify", job.path.to_str().unwrap()]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let writes = task.await.unwrap();
+    assert_eq!(code, Some(1), "{doc:#}\n{}", daemon.output());
+    let big = table(&doc, "public.big");
+    let snapshots = big["snapshots"].as_u64().unwrap_or(1);
+    assert!(
+        snapshots >= 2,
+        "the pass outlived snapshot_max_age and took fresh snapshots: {big:#}"
+    );
+    assert_eq!(
+        big["rows_compared"], 40000,
+        "every row compared once across the parts: {big:#}"
+    );
+    let mut found: Vec<(String, String)> = big["differences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            (
+                d["key"]["id"].as_str().unwrap().to_string(),
+                d["kind"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    found.sort();
+    assert_eq!(
+        found,
+        [
+            ("25000".to_string(), "missing".to_string()),
+            ("3".to_string(), "different".to_string()),
+            ("39999".to_string(), "different".to_string()),
+        ],
+        "exactly the corrupted keys, none of the rows the writer changed ({writes} writes): {big:#}"
+    );
+    // Text keys go on after the last key in byte order (COLLATE "C").
+    let words = table(&doc, "public.words");
+    assert!(words["snapshots"].as_u64().unwrap_or(1) >= 2, "{words:#}");
+    assert_eq!(words["rows_compared"], 30000, "{words:#}");
+    let mut keys: Vec<&str> = words["differences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["key"]["k"].as_str().unwrap())
+        .collect();
+    keys.sort();
+    let expected: Vec<String> = s
+        .query("SELECT k FROM words WHERE v IN (7, 29999) ORDER BY k", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(keys, expected, "{words:#}");
+    assert!(writes > 20, "the writer wrote during the pass: {writes}");
+    assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
+}

@@ -48,6 +48,7 @@ const DEFAULT_SOURCE_TABLES: &str = "public.*";
 const DEFAULT_PARALLELISM: usize = 4;
 const MAX_PARALLELISM: i64 = 64;
 const DEFAULT_VERIFY_EVERY: Duration = Duration::from_secs(10 * 60);
+const DEFAULT_VERIFY_SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(2 * 60);
 /// Source rows a continuous pass reads per second at most.
 const DEFAULT_VERIFY_ROWS_PER_SECOND: u64 = 200_000;
 /// How long creating the slot may wait for open transactions on the source.
@@ -83,7 +84,10 @@ const KEYS: &[(&str, &[&str])] = &[
     ),
     ("table", &["source", "target", "columns", "where"]),
     ("snapshot", &["mode", "parallelism", "slot_wait"]),
-    ("verify", &["every", "max_rows_per_second"]),
+    (
+        "verify",
+        &["every", "max_rows_per_second", "snapshot_max_age"],
+    ),
     ("ready", &["max_lag", "max_verify_age"]),
     ("changelog", &["dir"]),
     ("api", &["listen", "token_env"]),
@@ -146,6 +150,7 @@ struct RawSnapshot {
 struct RawVerify {
     every: Option<Value>,
     max_rows_per_second: Option<Value>,
+    snapshot_max_age: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -594,6 +599,13 @@ impl Ctx<'_> {
                     }
                 },
             },
+            snapshot_max_age: self.duration_or(
+                raw.verify
+                    .as_ref()
+                    .and_then(|v| v.get_ref().snapshot_max_age.as_ref()),
+                "[verify] snapshot_max_age",
+                DEFAULT_VERIFY_SNAPSHOT_MAX_AGE,
+            )?,
         };
         let ready_raw = raw.ready.as_ref().map(Spanned::get_ref);
         let ready = ReadySpec {

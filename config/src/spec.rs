@@ -139,6 +139,10 @@ pub struct VerifySpec {
     /// Source rows a continuous pass reads per second at most (0: no limit), so that
     /// verification never starves the source or the apply. Default 200000.
     pub max_rows_per_second: u64,
+    /// A pass replaces the snapshots it reads both sides in once they are this old, in the
+    /// middle of a table if need be (continuing after the last key compared), so that no
+    /// snapshot holds back vacuum for long. Default 2m.
+    pub snapshot_max_age: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -6,8 +6,9 @@
 //! A pass never starves the apply: the source side reads at most `[verify]
 //! max_rows_per_second`, a pass starts (and each table of it) only while the lag is within
 //! `[ready] max_lag`, and anchors are taken without pausing the apply for more than one
-//! group commit. A pass renews its anchor between tables once the anchor is older than
-//! [`RENEW_AFTER`], so no snapshot holds back vacuum for long on either side.
+//! group commit. A pass renews its anchor once it is older than `[verify]
+//! snapshot_max_age`, between tables or in the middle of one (going on after the last key
+//! compared), so no snapshot holds back vacuum for long on either side.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,15 +17,12 @@ use std::collections::{HashMap, HashSet};
 
 use cutover_connectors::pg_apply::{TablePlan, Touched};
 use cutover_connectors::{Lsn, TableName, pg_conn};
-use cutover_verifier::report::VerifyReport;
+use cutover_verifier::report::{TableReport, VerifyReport};
 use tokio::sync::{RwLock, mpsc, oneshot};
 
 use crate::anchor::{self, Anchor, BarrierSender};
 use crate::job::JobContext;
 use crate::status::{Phase, VerificationSummary};
-
-/// An anchor older than this is replaced before the next table.
-pub const RENEW_AFTER: Duration = Duration::from_secs(120);
 
 /// A request for a pass now; the answer is its report, or why there is none.
 pub type PassRequest = oneshot::Sender<Result<VerifyReport, String>>;
@@ -329,44 +327,74 @@ async fn run_pass(
     let mut anchor: Option<Anchor> = None;
     let mut first_lsn = None;
     let mut tables = Vec::new();
+    let max_age = ctx.spec.verify.snapshot_max_age;
     for plan in &plans {
-        if anchor.as_ref().is_none_or(|a| a.age() > RENEW_AFTER) {
-            wait_settled(ctx).await;
-            // The old snapshots end with their connections.
-            drop(anchor.take());
-            let mut a = anchor::take(&ctx.source, &ctx.target, &ctx.spec.name, barriers)
-                .await
-                .map_err(|e| e.to_string())?;
-            // The keys changed since the last anchor are compared again by the next round
-            // (this pass may have compared some of their tables at an earlier anchor).
-            reverify.absorb(std::mem::take(&mut a.touched), a.lsn);
-            first_lsn.get_or_insert(a.lsn);
-            anchor = Some(a);
+        // A large table is compared in parts, each in fresher snapshots than the last:
+        // once the anchor is older than `max_age`, the comparison stops at its next chunk
+        // bound and goes on after that key in a new anchor.
+        let mut report: Option<TableReport> = None;
+        let mut after: Option<Vec<cutover_verifier::chunk::Value>> = None;
+        let mut parts = 0;
+        loop {
+            parts += 1;
+            if anchor.as_ref().is_none_or(|a| a.age() >= max_age) {
+                wait_settled(ctx).await;
+                // The old snapshots end with their connections.
+                drop(anchor.take());
+                let mut a = anchor::take(&ctx.source, &ctx.target, &ctx.spec.name, barriers)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                // The keys changed since the last anchor are compared again by the next
+                // round (this pass may have compared some of their rows at an earlier
+                // anchor).
+                reverify.absorb(std::mem::take(&mut a.touched), a.lsn);
+                first_lsn.get_or_insert(a.lsn);
+                anchor = Some(a);
+            }
+            let Some(a) = &anchor else {
+                continue;
+            };
+            let deadline = a.taken_at + max_age;
+            let (mut part, resume) = crate::verify::compare_table_part(
+                a.source.clone(),
+                a.target.clone(),
+                plan,
+                throttle.clone(),
+                after.as_deref(),
+                deadline,
+            )
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+            part.lsn = Some(a.lsn.to_string());
+            metrics::counter!(crate::metrics::VERIFY_ROWS_TOTAL).increment(part.rows_compared);
+            metrics::counter!(crate::metrics::VERIFY_DIFFERENCES_TOTAL)
+                .increment(part.differences_total);
+            if !part.equal {
+                tracing::warn!(
+                    table = %plan.source_name(),
+                    lsn = %a.lsn,
+                    differences = part.differences_total,
+                    "verification found differences at an anchored position: they are real"
+                );
+            }
+            match &mut report {
+                None => report = Some(part),
+                Some(r) => r.absorb(part),
+            }
+            match resume {
+                Some(key) => {
+                    tracing::debug!(table = %plan.source_name(), "the anchor is due for renewal; the table goes on in a new one");
+                    // The stopped reads end with their connections.
+                    drop(anchor.take());
+                    after = Some(key);
+                }
+                None => break,
+            }
         }
-        let Some(a) = &anchor else {
-            continue;
-        };
-        let mut report = crate::verify::compare_table(
-            a.source.clone(),
-            a.target.clone(),
-            plan,
-            throttle.clone(),
-        )
-        .await
-        .map_err(|e| format!("{e:#}"))?;
-        report.lsn = Some(a.lsn.to_string());
-        metrics::counter!(crate::metrics::VERIFY_ROWS_TOTAL).increment(report.rows_compared);
-        metrics::counter!(crate::metrics::VERIFY_DIFFERENCES_TOTAL)
-            .increment(report.differences_total);
-        if !report.equal {
-            tracing::warn!(
-                table = %plan.source_name(),
-                lsn = %a.lsn,
-                differences = report.differences_total,
-                "verification found differences at an anchored position: they are real"
-            );
+        if let Some(mut r) = report {
+            r.snapshots = (parts > 1).then_some(parts);
+            tables.push(r);
         }
-        tables.push(report);
     }
     let report = VerifyReport::new(first_lsn.map(|l| l.to_string()), tables);
     metrics::counter!(crate::metrics::VERIFY_PASSES_TOTAL).increment(1);

@@ -18,7 +18,7 @@ use cutover_connectors::{pg_conn, quote_ident, quote_literal};
 use cutover_verifier::batch::RowBatch;
 use cutover_verifier::canonical::table_domain;
 use cutover_verifier::chunk::{
-    BatchSource, ColumnOrder, CompareOptions, KeyOrder, compare_keyed_batches,
+    BatchSource, ColumnOrder, CompareOptions, KeyOrder, Value, compare_keyed_batches,
     compare_multiset_batches,
 };
 use cutover_verifier::copy_text::CopyParser;
@@ -209,7 +209,15 @@ fn key_order(plan: &TablePlan, side_source: bool) -> (Vec<String>, KeyOrder) {
     (terms, KeyOrder::new(order))
 }
 
-fn side_query(plan: &TablePlan, side_source: bool, keys: Option<&[Vec<String>]>) -> SideQuery {
+/// Where a read of a table starts: all of it, only some keys, or after a key.
+#[derive(Clone, Copy)]
+enum Range<'a> {
+    All,
+    Keys(&'a [Vec<String>]),
+    After(&'a [Value]),
+}
+
+fn side_query(plan: &TablePlan, side_source: bool, range: Range<'_>) -> SideQuery {
     // The source side reads through the mapping: the same select list and filter as the
     // snapshot, evaluated by the same server.
     let (table, cols, mut conditions) = if side_source {
@@ -230,7 +238,26 @@ fn side_query(plan: &TablePlan, side_source: bool, keys: Option<&[Vec<String>]>)
             Vec::new(),
         )
     };
-    if let Some(keys) = keys {
+    let (terms, order) = key_order(plan, side_source);
+    if let Range::After(after) = range {
+        // The rest of the table after a key, in the order both sides are read in; the
+        // comparator only stops after keys without NULLs.
+        let values = after
+            .iter()
+            .zip(order.columns())
+            .map(|(v, o)| {
+                let text = String::from_utf8_lossy(v.as_deref().unwrap_or_default());
+                match o {
+                    ColumnOrder::Integer => format!("{}::pg_catalog.int8", quote_literal(&text)),
+                    ColumnOrder::Bytes => {
+                        format!("{}::pg_catalog.text COLLATE \"C\"", quote_literal(&text))
+                    }
+                }
+            })
+            .collect::<Vec<_>>();
+        conditions.push(format!("({}) > ({})", terms.join(", "), values.join(", ")));
+    }
+    if let Range::Keys(keys) = range {
         // Only these target keys: the source side by its key expressions.
         let key_cols: Vec<&cutover_connectors::pg_apply::ColumnMap> =
             plan.columns.iter().filter(|c| c.key).collect();
@@ -265,7 +292,6 @@ fn side_query(plan: &TablePlan, side_source: bool, keys: Option<&[Vec<String>]>)
     } else {
         format!(" WHERE {}", conditions.join(" AND "))
     };
-    let (terms, _) = key_order(plan, side_source);
     let order = if terms.is_empty() {
         String::new()
     } else {
@@ -410,7 +436,29 @@ pub async fn compare_table(
     plan: &Arc<TablePlan>,
     throttle: Option<Arc<Throttle>>,
 ) -> anyhow::Result<TableReport> {
-    compare_rows(source, target, plan, throttle, None).await
+    Ok(
+        compare_rows(source, target, plan, throttle, Range::All, None)
+            .await?
+            .0,
+    )
+}
+
+/// Compare a keyed table's rows after `after` (all of them when `None`), stopping at the
+/// first chunk bound past `deadline`. Returns the report of the rows compared, and the key
+/// to go on after when it stopped early (keyless tables are always compared whole).
+pub async fn compare_table_part(
+    source: Arc<tokio_postgres::Client>,
+    target: Arc<tokio_postgres::Client>,
+    plan: &Arc<TablePlan>,
+    throttle: Option<Arc<Throttle>>,
+    after: Option<&[Value]>,
+    deadline: std::time::Instant,
+) -> anyhow::Result<(TableReport, Option<Vec<Value>>)> {
+    let range = match after {
+        Some(key) => Range::After(key),
+        None => Range::All,
+    };
+    compare_rows(source, target, plan, throttle, range, Some(deadline)).await
 }
 
 /// Compare only the rows of `keys` (target key values, in key column order), a few
@@ -423,14 +471,19 @@ pub async fn compare_keys(
 ) -> anyhow::Result<TableReport> {
     let mut total: Option<TableReport> = None;
     for chunk in keys.chunks(KEYS_PER_QUERY) {
-        let r = compare_rows(source.clone(), target.clone(), plan, None, Some(chunk)).await?;
+        let (r, _) = compare_rows(
+            source.clone(),
+            target.clone(),
+            plan,
+            None,
+            Range::Keys(chunk),
+            None,
+        )
+        .await?;
         total = Some(match total {
             None => r,
             Some(mut t) => {
-                t.rows_compared += r.rows_compared;
-                t.differences_total += r.differences_total;
-                t.equal &= r.equal;
-                t.differences.extend(r.differences);
+                t.absorb(r);
                 t
             }
         });
@@ -454,8 +507,9 @@ async fn compare_rows(
     target: Arc<tokio_postgres::Client>,
     plan: &Arc<TablePlan>,
     throttle: Option<Arc<Throttle>>,
-    keys: Option<&[Vec<String>]>,
-) -> anyhow::Result<TableReport> {
+    range: Range<'_>,
+    deadline: Option<std::time::Instant>,
+) -> anyhow::Result<(TableReport, Option<Vec<Value>>)> {
     let columns = plan.columns.len();
     let key_columns: Vec<usize> = plan.key_indexes();
     let column_names: Vec<String> = plan.columns.iter().map(|c| c.target.clone()).collect();
@@ -469,7 +523,7 @@ async fn compare_rows(
     let src_rx = spawn_reader(
         source,
         "the source",
-        side_query(plan, true, keys),
+        side_query(plan, true, range),
         columns,
         key_columns.clone(),
         order.clone(),
@@ -478,7 +532,7 @@ async fn compare_rows(
     let dst_rx = spawn_reader(
         target,
         "the target",
-        side_query(plan, false, keys),
+        side_query(plan, false, range),
         columns,
         key_columns.clone(),
         order.clone(),
@@ -486,9 +540,12 @@ async fn compare_rows(
     );
     let domain = table_domain(&plan.target_name().schema, &plan.target_name().name, 1);
     let plan = plan.clone();
-    let options = CompareOptions::default();
+    let options = CompareOptions {
+        deadline,
+        ..Default::default()
+    };
     let max = options.max_differences;
-    let report = tokio::task::spawn_blocking(move || -> anyhow::Result<TableReport> {
+    let report = tokio::task::spawn_blocking(move || -> anyhow::Result<(TableReport, _)> {
         let (source_name, target_name) = (
             plan.source_name().to_string(),
             plan.target_name().to_string(),
@@ -497,24 +554,22 @@ async fn compare_rows(
             let outcome = compare_multiset_batches(&domain, src_rx, dst_rx)
                 .map_err(|e| anyhow::anyhow!("{e}"))
                 .with_context(|| format!("could not compare {source_name} with {target_name}"))?;
-            Ok(TableReport::multiset(
-                source_name,
-                target_name,
-                &column_names,
-                &outcome,
-                max,
+            Ok((
+                TableReport::multiset(source_name, target_name, &column_names, &outcome, max),
+                None,
             ))
         } else {
             let outcome = compare_keyed_batches(&domain, src_rx, dst_rx, &order, &options)
                 .map_err(|e| anyhow::anyhow!("{e}"))
                 .with_context(|| format!("could not compare {source_name} with {target_name}"))?;
-            Ok(TableReport::keyed(
+            let report = TableReport::keyed(
                 source_name,
                 target_name,
                 &key_names,
                 &column_names,
                 &outcome,
-            ))
+            );
+            Ok((report, outcome.resume_after))
         }
     })
     .await

@@ -134,6 +134,10 @@ pub struct CompareOptions {
     pub chunk_rows: usize,
     /// At most this many differences are kept; all are counted.
     pub max_differences: usize,
+    /// Stop at the first chunk boundary after this instant, leaving the rest of both
+    /// streams unread; [`KeyedOutcome::resume_after`] then says where to go on. A caller
+    /// uses it to renew long-lived snapshots in the middle of a large table.
+    pub deadline: Option<std::time::Instant>,
 }
 
 impl Default for CompareOptions {
@@ -141,6 +145,7 @@ impl Default for CompareOptions {
         Self {
             chunk_rows: 10_000,
             max_differences: 1_000,
+            deadline: None,
         }
     }
 }
@@ -162,6 +167,9 @@ pub struct KeyedOutcome {
     pub differences: Vec<Difference>,
     /// Number of differences found, including those not kept.
     pub differences_total: u64,
+    /// Set when the comparison stopped at [`CompareOptions::deadline`]: every key up to and
+    /// including this one was compared, none after it.
+    pub resume_after: Option<Key>,
 }
 
 impl KeyedOutcome {
@@ -241,6 +249,11 @@ pub struct KeyOrder {
 }
 
 impl KeyOrder {
+    /// The per-column rules.
+    pub fn columns(&self) -> &[ColumnOrder] {
+        &self.columns
+    }
+
     /// Order by the given per-column rules; keys longer than the list compare extra columns by
     /// bytes.
     pub fn new(columns: Vec<ColumnOrder>) -> Self {
@@ -1055,8 +1068,20 @@ where
                 options.max_differences,
             )?;
         }
+        // Both sides are read up to the chunk's bound: a clean place to stop.
+        let stop_after = match (&bound, options.deadline) {
+            (Some(b), Some(deadline)) if std::time::Instant::now() >= deadline => {
+                // A key with a NULL cannot be resumed after with `>`: go on instead.
+                Some(b.key.to_key()).filter(|k| k.iter().all(Option::is_some))
+            }
+            _ => None,
+        };
         source.release();
         target.release();
+        if stop_after.is_some() {
+            outcome.resume_after = stop_after;
+            break;
+        }
     }
     Ok(outcome)
 }
@@ -1485,6 +1510,7 @@ mod tests {
         let options = CompareOptions {
             chunk_rows,
             max_differences: usize::MAX,
+            ..Default::default()
         };
         let outcome = compare_keyed(DOMAIN, ok(source), ok(target), integer_order(), &options)
             .expect("comparison");
@@ -1756,11 +1782,51 @@ mod tests {
     }
 
     #[test]
+    fn a_deadline_stops_at_a_chunk_bound_and_the_rest_resumes_after_it() {
+        let source = table(100);
+        let mut target = source.clone();
+        target.remove(50);
+        let options = CompareOptions {
+            chunk_rows: 8,
+            max_differences: 100,
+            deadline: Some(std::time::Instant::now()),
+        };
+        let first = compare_keyed(DOMAIN, ok(&source), ok(&target), integer_order(), &options)
+            .expect("comparison");
+        // The first chunk is compared whole, then the comparison stops at its bound.
+        assert_eq!(first.resume_after, Some(key(8)));
+        assert_eq!(first.rows_compared, 8);
+        assert!(first.is_equal());
+        // Going on after the bound, without a deadline, finds the one difference.
+        let rest = compare_keyed(
+            DOMAIN,
+            ok(&source[8..]),
+            ok(&target[8..]),
+            integer_order(),
+            &CompareOptions::default(),
+        )
+        .expect("comparison");
+        assert_eq!(rest.resume_after, None);
+        assert_eq!(rest.rows_compared, 92);
+        assert_eq!(rest.differences, vec![Difference::Missing { key: key(51) }]);
+        // The last, short chunk never stops early: there is nothing after it to resume.
+        let short = CompareOptions {
+            chunk_rows: 1000,
+            ..options
+        };
+        let whole = compare_keyed(DOMAIN, ok(&source), ok(&target), integer_order(), &short)
+            .expect("comparison");
+        assert_eq!(whole.resume_after, None);
+        assert_eq!(whole.differences_total, 1);
+    }
+
+    #[test]
     fn differences_are_capped_but_counted() {
         let source = table(100);
         let options = CompareOptions {
             chunk_rows: 8,
             max_differences: 3,
+            ..Default::default()
         };
         let outcome = compare_keyed(DOMAIN, ok(&source), ok(&[]), integer_order(), &options)
             .expect("comparison");
@@ -1795,6 +1861,7 @@ mod tests {
             let options = CompareOptions {
                 chunk_rows,
                 max_differences: 10,
+                ..Default::default()
             };
             let outcome = compare_keyed(
                 DOMAIN,
@@ -2027,6 +2094,7 @@ mod tests {
         let options = CompareOptions {
             chunk_rows,
             max_differences: usize::MAX,
+            ..Default::default()
         };
         let expected = compare_keyed(DOMAIN, ok(source), ok(target), integer_order(), &options)
             .expect_err("an error")

@@ -53,9 +53,31 @@ pub struct TableReport {
     /// All differences found, including those not listed.
     pub differences_total: u64,
     /// The source position this table was compared at, when anchored (a pass renews its
-    /// anchor between tables, so tables of one pass may differ).
+    /// anchor between tables, so tables of one pass may differ). For a table compared in
+    /// several snapshots, the first (earliest) one's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lsn: Option<String>,
+    /// How many successive snapshots the table was compared in, when more than one: a
+    /// long comparison takes fresh ones as it goes, each part of the table (a key range,
+    /// in key order, no gap and no overlap) compared as of one source position.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshots: Option<u32>,
+}
+
+impl TableReport {
+    /// Add the result of comparing another part of the same table (other rows, or the
+    /// same rows later). The position stays the earliest one a part was compared at.
+    pub fn absorb(&mut self, other: TableReport) {
+        self.rows_compared += other.rows_compared;
+        self.differences_total += other.differences_total;
+        self.equal &= other.equal;
+        self.differences.extend(other.differences);
+        self.differences
+            .truncate(crate::chunk::CompareOptions::default().max_differences);
+        if self.lsn.is_none() {
+            self.lsn = other.lsn;
+        }
+    }
 }
 
 /// What kind of difference a row shows.
@@ -187,6 +209,7 @@ impl TableReport {
             differences,
             differences_total: outcome.differences_total,
             lsn: None,
+            snapshots: None,
         }
     }
 
@@ -220,6 +243,7 @@ impl TableReport {
             differences,
             differences_total: outcome.differences_total,
             lsn: None,
+            snapshots: None,
         }
     }
 }
@@ -254,6 +278,7 @@ mod tests {
                 },
             ],
             differences_total: 5,
+            resume_after: None,
         };
         let table = TableReport::keyed(
             "public.t",

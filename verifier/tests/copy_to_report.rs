@@ -33,6 +33,7 @@ fn copy_text_to_report() {
         &CompareOptions {
             chunk_rows: 2,
             max_differences: 100,
+            ..Default::default()
         },
     )
     .expect("comparison");

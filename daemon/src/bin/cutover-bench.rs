@@ -170,6 +170,10 @@ struct Args {
     /// daemon's default is 200000).
     #[arg(long, default_value_t = 200_000)]
     load_verify_rows_per_second: u64,
+    /// `[verify] snapshot_max_age` of verify-load's verifying variant, as a duration
+    /// (`"10s"`); default: the daemon's default.
+    #[arg(long)]
+    load_snapshot_max_age: Option<String>,
     /// The `cutover` binary (default: beside this program).
     #[arg(long)]
     cutover_bin: Option<PathBuf>,
@@ -361,6 +365,7 @@ struct Bench {
     backlog_secs: u32,
     load_secs: u32,
     load_verify_rows_per_second: u64,
+    load_snapshot_max_age: Option<String>,
     source_rows: u64,
     accounts_rows: u64,
 }
@@ -505,6 +510,7 @@ impl Bench {
             backlog_secs: args.backlog_secs,
             load_secs: args.load_secs,
             load_verify_rows_per_second: args.load_verify_rows_per_second,
+            load_snapshot_max_age: args.load_snapshot_max_age.clone(),
             source_rows: 0,
             accounts_rows: 0,
         };
@@ -1678,10 +1684,14 @@ impl Bench {
     /// read cap.
     fn write_load_job(&self, verify: bool) -> Result<(PathBuf, String)> {
         let section = if verify {
-            format!(
+            let mut section = format!(
                 "every = \"{LOAD_PASS_EVERY}\"\nmax_rows_per_second = {}\n",
                 self.load_verify_rows_per_second
-            )
+            );
+            if let Some(age) = &self.load_snapshot_max_age {
+                let _ = writeln!(section, "snapshot_max_age = \"{age}\"");
+            }
+            section
         } else {
             "every = \"0\"\n".to_owned()
         };
@@ -1882,8 +1892,9 @@ impl Bench {
         if verify {
             let _ = write!(
                 note,
-                "every \"{LOAD_PASS_EVERY}\", max_rows_per_second {}; {} passes finished in the load (status saw {}), median {} s{}; verify connection open on the source in {:.0}% of samples, query active in {:.0}%; ",
+                "every \"{LOAD_PASS_EVERY}\", max_rows_per_second {}, snapshot_max_age {}; {} passes finished in the load (status saw {}), median {} s{}; verify connection open on the source in {:.0}% of samples, query active in {:.0}%; ",
                 self.load_verify_rows_per_second,
+                self.load_snapshot_max_age.as_deref().unwrap_or("default"),
                 passes.finished,
                 watch.passes_seen,
                 shown(figures.pass_seconds),
@@ -3163,8 +3174,10 @@ fn render(samples: &[Sample], env: &EnvInfo, args: &Args, elapsed: Duration) -> 
     if samples.iter().any(|s| s.scenario == VERIFY_LOAD) {
         let _ = writeln!(
             md,
-            "- verify-load: `pgbench -c 4 -j 2 -T {} -n` on the source while a cutover job streams the pgbench tables (copied once, then each variant a restart of the same job): sync only with `[verify] every = \"0\"`, sync + continuous verify with `every = \"{LOAD_PASS_EVERY}\"`, `max_rows_per_second = {}`; both variants every rep",
-            args.load_secs, args.load_verify_rows_per_second
+            "- verify-load: `pgbench -c 4 -j 2 -T {} -n` on the source while a cutover job streams the pgbench tables (copied once, then each variant a restart of the same job): sync only with `[verify] every = \"0\"`, sync + continuous verify with `every = \"{LOAD_PASS_EVERY}\"`, `max_rows_per_second = {}`, `snapshot_max_age = {}`; both variants every rep",
+            args.load_secs,
+            args.load_verify_rows_per_second,
+            args.load_snapshot_max_age.as_deref().unwrap_or("(default)")
         );
     }
     let _ = writeln!(
