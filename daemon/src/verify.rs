@@ -520,6 +520,8 @@ async fn compare_rows(
     // Both sides are compared in the target's key order (the source reads the same keys
     // through the mapping).
     let (_, order) = key_order(plan, false);
+    // To end both reads if the comparison stops before the end of the table.
+    let cancels = [source.cancel_token(), target.cancel_token()];
     let src_rx = spawn_reader(
         source,
         "the source",
@@ -574,6 +576,17 @@ async fn compare_rows(
     })
     .await
     .context("the comparison thread failed")??;
+    if report.1.is_some() {
+        // Stopped early: without a cancel, each server would go on sending the rest of
+        // the table at full speed (the client's connection drains a response in flight
+        // before it closes, discarding it). The caller drops these sessions, so the
+        // cancel cannot hit a later query.
+        for cancel in cancels {
+            if let Err(e) = cancel.cancel_query(tokio_postgres::NoTls).await {
+                tracing::debug!(error = %e, "could not cancel a verification read");
+            }
+        }
+    }
     Ok(report)
 }
 

@@ -174,6 +174,11 @@ struct Args {
     /// (`"10s"`); default: the daemon's default.
     #[arg(long)]
     load_snapshot_max_age: Option<String>,
+    /// verify-load: run the source server and pgbench on CPU 0, the daemon and the target
+    /// server on CPU 1, as if the source were a machine of its own (the daemon's hashing
+    /// and the target's reads then take nothing from the source's CPU).
+    #[arg(long)]
+    load_pin: bool,
     /// The `cutover` binary (default: beside this program).
     #[arg(long)]
     cutover_bin: Option<PathBuf>,
@@ -366,6 +371,7 @@ struct Bench {
     load_secs: u32,
     load_verify_rows_per_second: u64,
     load_snapshot_max_age: Option<String>,
+    load_pin: bool,
     source_rows: u64,
     accounts_rows: u64,
 }
@@ -511,6 +517,7 @@ impl Bench {
             load_secs: args.load_secs,
             load_verify_rows_per_second: args.load_verify_rows_per_second,
             load_snapshot_max_age: args.load_snapshot_max_age.clone(),
+            load_pin: args.load_pin,
             source_rows: 0,
             accounts_rows: 0,
         };
@@ -845,6 +852,9 @@ impl Bench {
                 }
             }
         } else {
+            if self.load_pin {
+                self.pin_servers(Some(("0", "1")));
+            }
             for rep in 1..=reps {
                 for &(tool, kind) in &tools {
                     let result = Box::pin(self.verify_load_run(rep, tool == SYNC_VERIFY)).await;
@@ -858,6 +868,9 @@ impl Bench {
                     }
                 }
                 tools.rotate_left(1);
+            }
+            if self.load_pin {
+                self.pin_servers(None);
             }
         }
         self.drop_job_objects(LOAD_JOB).await;
@@ -1726,6 +1739,11 @@ impl Bench {
         let log_name = format!("{}-{rep}.log", if verify { "verify" } else { "sync" });
         let source = self.src.connect(SOURCE_DB).await?;
         let mut daemon = self.spawn_daemon(&job, &api, &log_name)?;
+        if self.load_pin
+            && let Some(pid) = daemon.child.id()
+        {
+            pin(pid, "1");
+        }
         let settled = async {
             wait_status(&mut daemon, RUN_TIMEOUT, |s| {
                 all_snapshot_done(s)
@@ -1785,7 +1803,17 @@ impl Bench {
                 .map(str::to_owned);
         }
         let log_start = file_len(&daemon.log);
-        let mut cmd = self.pgbench_load(self.load_secs);
+        let mut cmd = if self.load_pin {
+            // pgbench's threads start on CPU 0 with it.
+            let mut cmd = Command::new("taskset");
+            self.prepare(&mut cmd);
+            cmd.args(["-c", "0"])
+                .arg(self.pg_bin.join("pgbench"))
+                .args(self.pgbench_load(self.load_secs).as_std().get_args());
+            cmd
+        } else {
+            self.pgbench_load(self.load_secs)
+        };
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         let cpu0 = self.cpu();
         let daemon0 = process_ticks(pid);
@@ -1892,9 +1920,14 @@ impl Bench {
         if verify {
             let _ = write!(
                 note,
-                "every \"{LOAD_PASS_EVERY}\", max_rows_per_second {}, snapshot_max_age {}; {} passes finished in the load (status saw {}), median {} s{}; verify connection open on the source in {:.0}% of samples, query active in {:.0}%; ",
+                "every \"{LOAD_PASS_EVERY}\", max_rows_per_second {}, snapshot_max_age {}{}; {} passes finished in the load (status saw {}), median {} s{}; verify connection open on the source in {:.0}% of samples, query active in {:.0}%; ",
                 self.load_verify_rows_per_second,
                 self.load_snapshot_max_age.as_deref().unwrap_or("default"),
+                if self.load_pin {
+                    ", source + pgbench pinned to CPU 0, daemon + target to CPU 1"
+                } else {
+                    ""
+                },
                 passes.finished,
                 watch.passes_seen,
                 shown(figures.pass_seconds),
@@ -1976,6 +2009,24 @@ impl Bench {
             .args(self.src_conn_args())
             .arg(SOURCE_DB);
         cmd
+    }
+
+    /// Pin each server with every process it has to a CPU list (`("0", "1")`: source,
+    /// target); `None`: back to every CPU. New backends inherit it from the postmaster.
+    fn pin_servers(&self, cpus: Option<(&str, &str)>) {
+        let all = format!(
+            "0-{}",
+            std::thread::available_parallelism().map_or(1, |n| n.get()) - 1
+        );
+        let (src, dst) = cpus.unwrap_or((&all, &all));
+        for (cluster, list) in [(&self.src, src), (&self.dst, dst)] {
+            if let Some(postmaster) = cluster.pid() {
+                pin(postmaster, list);
+                for child in children(postmaster) {
+                    pin(child, list);
+                }
+            }
+        }
     }
 
     fn tool(&self, name: &str) -> Command {
@@ -2512,6 +2563,39 @@ fn read_range(path: &Path, start: u64, end: u64) -> String {
 }
 
 /// User + system ticks of a live process (all its threads).
+/// `taskset` a process (all its threads) to a CPU list; a failure is reported, not fatal.
+fn pin(pid: u32, cpus: &str) {
+    let done = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", cpus, &pid.to_string()])
+        .stdout(Stdio::null())
+        .status();
+    if !done.is_ok_and(|s| s.success()) {
+        eprintln!("cutover-bench: could not pin process {pid} to CPUs {cpus}");
+    }
+}
+
+/// The direct children of a process, from `/proc/*/stat`.
+fn children(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // The command may hold spaces and parentheses: ppid is the second
+                    // field after the last ')'.
+                    let rest = &stat[stat.rfind(')')? + 1..];
+                    rest.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(parent)
+        })
+        .collect()
+}
+
 fn process_ticks(pid: u32) -> u64 {
     proc_stat(pid).map_or(0, |s| s.utime + s.stime)
 }
@@ -3174,10 +3258,15 @@ fn render(samples: &[Sample], env: &EnvInfo, args: &Args, elapsed: Duration) -> 
     if samples.iter().any(|s| s.scenario == VERIFY_LOAD) {
         let _ = writeln!(
             md,
-            "- verify-load: `pgbench -c 4 -j 2 -T {} -n` on the source while a cutover job streams the pgbench tables (copied once, then each variant a restart of the same job): sync only with `[verify] every = \"0\"`, sync + continuous verify with `every = \"{LOAD_PASS_EVERY}\"`, `max_rows_per_second = {}`, `snapshot_max_age = {}`; both variants every rep",
+            "- verify-load: `pgbench -c 4 -j 2 -T {} -n` on the source while a cutover job streams the pgbench tables (copied once, then each variant a restart of the same job): sync only with `[verify] every = \"0\"`, sync + continuous verify with `every = \"{LOAD_PASS_EVERY}\"`, `max_rows_per_second = {}`, `snapshot_max_age = {}`; both variants every rep{}",
             args.load_secs,
             args.load_verify_rows_per_second,
-            args.load_snapshot_max_age.as_deref().unwrap_or("(default)")
+            args.load_snapshot_max_age.as_deref().unwrap_or("(default)"),
+            if args.load_pin {
+                "; `--load-pin`: the source server and pgbench on CPU 0, the daemon and the target server on CPU 1 (the source as a machine of its own)"
+            } else {
+                ""
+            }
         );
     }
     let _ = writeln!(
