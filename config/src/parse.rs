@@ -50,7 +50,7 @@ const MAX_PARALLELISM: i64 = 64;
 const DEFAULT_VERIFY_EVERY: Duration = Duration::from_secs(10 * 60);
 const DEFAULT_VERIFY_SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(2 * 60);
 /// Source rows a continuous pass reads per second at most.
-const DEFAULT_VERIFY_ROWS_PER_SECOND: u64 = 200_000;
+const DEFAULT_VERIFY_ROWS_PER_SECOND: u64 = 50_000;
 /// How long creating the slot may wait for open transactions on the source.
 const DEFAULT_SLOT_WAIT: Duration = Duration::from_secs(60);
 const DEFAULT_MAX_LAG: Duration = Duration::from_secs(5);

@@ -137,7 +137,7 @@ pub struct VerifySpec {
     /// Full passes every this long; zero turns them off. Default 10m.
     pub every: Duration,
     /// Source rows a continuous pass reads per second at most (0: no limit), so that
-    /// verification never starves the source or the apply. Default 200000.
+    /// verification never starves the source or the apply. Default 50000.
     pub max_rows_per_second: u64,
     /// A pass replaces the snapshots it reads both sides in once they are this old, in the
     /// middle of a table if need be (continuing after the last key compared), so that no

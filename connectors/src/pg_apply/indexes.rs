@@ -121,8 +121,17 @@ pub async fn restore_indexes_and_mark_done(
         .map_err(|e| err("read cutover.tables", e))?
         .get(0);
     let creates = saved.unwrap_or_default();
+    // Index builds sort the whole table: give them at least 256 MB (never less than the
+    // server's own setting), for this transaction only, so a large table's sort stays in
+    // memory instead of spilling to disk.
+    let memory = if creates.is_empty() {
+        ""
+    } else {
+        "SELECT pg_catalog.set_config('maintenance_work_mem', \
+         (GREATEST(pg_catalog.pg_size_bytes(pg_catalog.current_setting('maintenance_work_mem')), 268435456) / 1024)::pg_catalog.text || 'kB', true); "
+    };
     let sql = format!(
-        "BEGIN; {}{}UPDATE cutover.tables SET deferred_indexes = NULL, done_at = now() \
+        "BEGIN; {memory}{}{}UPDATE cutover.tables SET deferred_indexes = NULL, done_at = now() \
          WHERE job = {} AND source_table = {}; COMMIT;",
         creates.join("; "),
         if creates.is_empty() { "" } else { "; " },

@@ -35,7 +35,7 @@
 //!   a target; each variant restarts its daemon with the job file rewritten (same slot, it
 //!   resumes) and runs `pgbench -c 4 -j 2 -T <load-secs> -n` on the source while it streams:
 //!   `sync only` with `[verify] every = "0"`, `sync + continuous verify` with `every = "1s"`
-//!   and `max_rows_per_second = <load-verify-rows-per-second>` (default 200000, the daemon's
+//!   and `max_rows_per_second = <load-verify-rows-per-second>` (default 50000, the daemon's
 //!   default), so a full pass is due a second after the previous one finished, all through
 //!   the load. The figure is pgbench's tps (without initial connection time); the headline
 //!   is the ratio of the two. Passes finished during the load are counted from the daemon's
@@ -167,8 +167,8 @@ struct Args {
     #[arg(long, default_value_t = 20)]
     load_secs: u32,
     /// `[verify] max_rows_per_second` of verify-load's verifying variant (0: no limit; the
-    /// daemon's default is 200000).
-    #[arg(long, default_value_t = 200_000)]
+    /// daemon's default is 50000).
+    #[arg(long, default_value_t = 50_000)]
     load_verify_rows_per_second: u64,
     /// `[verify] snapshot_max_age` of verify-load's verifying variant, as a duration
     /// (`"10s"`); default: the daemon's default.
