@@ -38,7 +38,22 @@ fn spool_files(job: &Job) -> usize {
         .unwrap_or(0)
 }
 
-async fn setup(name: &str) -> (Cluster, Cluster) {
+/// Wait until the daemon has spooled a block of a streamed transaction.
+async fn wait_spooled(job: &Job, daemon: &Daemon) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while spool_files(job) == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing was streamed to the spool\n{}",
+            daemon.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Two clusters with the schema, the source streaming every transaction of more than a
+/// few rows, and a job between them that streams.
+async fn setup(name: &str) -> (Cluster, Cluster, Job, Daemon) {
     // A tiny decoding budget: every transaction of more than a few rows is streamed.
     let (src_name, dst_name) = (format!("{name}-src"), format!("{name}-dst"));
     let (src, dst) = tokio::join!(
@@ -49,17 +64,17 @@ async fn setup(name: &str) -> (Cluster, Cluster) {
         c.create_database("db").await.unwrap();
         c.execute("db", SCHEMA).await.unwrap();
     }
-    (src, dst)
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn streamed_transactions_apply_whole_in_commit_order() {
-    let (src, dst) = setup("streamed").await;
-    let job = Job::write("streamed", &src.url("db"), &dst.url("db"), "");
+    let job = Job::write(name, &src.url("db"), &dst.url("db"), "");
     let mut daemon = Daemon::start(&job);
     daemon
         .wait_phase("streaming", Duration::from_secs(60))
         .await;
+    (src, dst, job, daemon)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streamed_transactions_apply_whole_in_commit_order() {
+    let (src, dst, job, mut daemon) = setup("streamed").await;
     let a = src.connect("db").await.unwrap();
     let b = src.connect("db").await.unwrap();
     let c = src.connect("db").await.unwrap();
@@ -85,15 +100,7 @@ async fn streamed_transactions_apply_whole_in_commit_order() {
     .await
     .unwrap();
     // The server streams A's changes while it runs: wait for them to reach the spool.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while spool_files(&job) == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "A was never streamed to the spool\n{}",
-            daemon.output()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_spooled(&job, &daemon).await;
     // B commits while A runs: a row A changes next (so A must be applied after B).
     b.batch_execute("INSERT INTO t VALUES (999999, 'b'); INSERT INTO journal VALUES (-1, 'b');")
         .await
@@ -145,12 +152,7 @@ async fn streamed_transactions_apply_whole_in_commit_order() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_while_a_streamed_transaction_is_open() {
-    let (src, dst) = setup("streamkill").await;
-    let job = Job::write("streamkill", &src.url("db"), &dst.url("db"), "");
-    let mut daemon = Daemon::start(&job);
-    daemon
-        .wait_phase("streaming", Duration::from_secs(60))
-        .await;
+    let (src, dst, job, mut daemon) = setup("streamkill").await;
     let a = src.connect("db").await.unwrap();
     let b = src.connect("db").await.unwrap();
     let d = dst.connect("db").await.unwrap();
@@ -160,11 +162,7 @@ async fn kill_9_while_a_streamed_transaction_is_open() {
     )
     .await
     .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while spool_files(&job) == 0 {
-        assert!(std::time::Instant::now() < deadline, "{}", daemon.output());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_spooled(&job, &daemon).await;
     // Others commit (and are applied and confirmed) while A is open.
     for i in 0..20 {
         b.batch_execute(&format!(
