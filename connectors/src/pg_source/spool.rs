@@ -55,6 +55,9 @@ struct Spooled {
     len: u64,
     /// Subtransactions in the order their first change was spooled, with its offset.
     subxacts: Vec<(u32, u64)>,
+    /// The position of each subtransaction in `subxacts`: one lookup per change, however
+    /// many savepoints the transaction has (an ORM may take one per row).
+    subxact_index: HashMap<u32, usize>,
     /// The last Relation or Type description spooled, per OID, with its offset, so that
     /// one cut off with an aborted subtransaction can be written again.
     descriptions: HashMap<(u8, u32), (u64, Bytes)>,
@@ -188,6 +191,7 @@ impl Destreamer {
                             writer: BufWriter::with_capacity(256 * 1024, file),
                             len: 0,
                             subxacts: Vec::new(),
+                            subxact_index: HashMap::new(),
                             descriptions: HashMap::new(),
                         },
                     );
@@ -339,7 +343,8 @@ impl Drop for Destreamer {
 impl Spooled {
     fn append(&mut self, raw: &Bytes, msg: &LogicalMessage, top: u32, sub: u32) -> Result<()> {
         let at = self.len;
-        if sub != top && !self.subxacts.iter().any(|(x, _)| *x == sub) {
+        if sub != top && !self.subxact_index.contains_key(&sub) {
+            self.subxact_index.insert(sub, self.subxacts.len());
             self.subxacts.push((sub, at));
         }
         match msg {
@@ -369,12 +374,14 @@ impl Spooled {
 
     /// Cut off the changes of `subxid` and of the subtransactions that started after it.
     fn abort_subxact(&mut self, subxid: u32) -> Result<()> {
-        let Some(i) = self.subxacts.iter().position(|(x, _)| *x == subxid) else {
+        let Some(&i) = self.subxact_index.get(&subxid) else {
             // It wrote nothing that reached us.
             return Ok(());
         };
         let cut = self.subxacts[i].1;
-        self.subxacts.truncate(i);
+        for (x, _) in self.subxacts.drain(i..) {
+            self.subxact_index.remove(&x);
+        }
         self.writer
             .flush()
             .map_err(|e| io_error("write", &self.path, e))?;
