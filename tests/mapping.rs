@@ -595,23 +595,18 @@ async fn mapped_tables_survive_kill_9() {
         .await;
     let s = src.connect("db").await.unwrap();
     let d = dst.connect("db").await.unwrap();
-    let writer_client = src.connect("db").await.unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop_w = stop.clone();
-    let writer = tokio::spawn(async move {
-        let mut op: u64 = 0;
-        while !stop_w.load(std::sync::atomic::Ordering::Relaxed) {
-            op += 1;
+    let writer = Writer::start(
+        src.connect("db").await.unwrap(),
+        Duration::from_millis(2),
+        |op| {
             let id = op % 50 + 1;
             let region = if op.is_multiple_of(3) { "us" } else { "eu" };
-            let sql = format!(
+            format!(
                 "BEGIN; UPDATE accounts SET balance = balance + 0.01, region = '{region}' WHERE id = {id}; \
                  INSERT INTO journal VALUES ({op}, 'op {op}'); COMMIT;"
-            );
-            writer_client.batch_execute(&sql).await.unwrap();
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    });
+            )
+        },
+    );
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(700)).await;
         daemon.kill9();
@@ -619,8 +614,7 @@ async fn mapped_tables_survive_kill_9() {
         daemon = Daemon::start(&job);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    writer.await.unwrap();
+    writer.stop().await;
     wait_equal(
         &s,
         &d,

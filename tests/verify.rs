@@ -187,23 +187,12 @@ async fn anchored_passes_under_write_load() {
     let d = dst.connect("db").await.unwrap();
 
     // A writer that changes hot rows and inserts new ones all the time.
-    let writer = src.connect("db").await.unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop_w = stop.clone();
-    let task = tokio::spawn(async move {
-        let mut i: i64 = 0;
-        while !stop_w.load(std::sync::atomic::Ordering::Relaxed) {
-            i += 1;
-            writer
-                .batch_execute(&format!(
-                    "BEGIN; UPDATE hot SET n = n + 1 WHERE id % 50 = {}; INSERT INTO hot VALUES ({}, {i}, 'new'); COMMIT;",
-                    i % 50,
-                    100_000 + i
-                ))
-                .await
-                .unwrap();
-        }
-        i
+    let writer = Writer::start(src.connect("db").await.unwrap(), Duration::ZERO, |i| {
+        format!(
+            "BEGIN; UPDATE hot SET n = n + 1 WHERE id % 50 = {}; INSERT INTO hot VALUES ({}, {i}, 'new'); COMMIT;",
+            i % 50,
+            100_000 + i
+        )
     });
 
     for _ in 0..3 {
@@ -262,8 +251,7 @@ async fn anchored_passes_under_write_load() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let writes = task.await.unwrap();
+    let writes = writer.stop().await;
     assert!(writes > 50, "the writer wrote during the passes: {writes}");
     d.batch_execute(
         "SET session_replication_role = replica; UPDATE cold SET v = 'c42' WHERE id = 42",
@@ -427,27 +415,19 @@ async fn a_long_pass_renews_its_snapshots_inside_a_table() {
     .unwrap();
 
     // A writer keeps changing rows in every part of the table during the pass.
-    let writer = src.connect("db").await.unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop_w = stop.clone();
-    let task = tokio::spawn(async move {
-        let mut i: i64 = 0;
-        while !stop_w.load(std::sync::atomic::Ordering::Relaxed) {
-            i += 1;
+    let writer = Writer::start(
+        src.connect("db").await.unwrap(),
+        Duration::from_millis(2),
+        |i| {
             let id = 10 + (i * 7919) % 99_000;
             let id = if matches!(id, 3 | 75000 | 99999) {
                 id + 1
             } else {
                 id
             };
-            writer
-                .batch_execute(&format!("UPDATE big SET n = n + 1 WHERE id = {id}"))
-                .await
-                .unwrap();
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        i
-    });
+            format!("UPDATE big SET n = n + 1 WHERE id = {id}")
+        },
+    );
 
     // Rows read from the target's table, from its statistics (which a session reports
     // up to a second after its reads: wait that long first).
@@ -466,8 +446,7 @@ async fn a_long_pass_renews_its_snapshots_inside_a_table() {
     };
     let read_before = read_on_target().await;
     let (code, doc) = run_json(&["verify", job.path.to_str().unwrap()]);
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let writes = task.await.unwrap();
+    let writes = writer.stop().await;
     let read = read_on_target().await - read_before;
     assert!(
         // Without a bug: the rows compared, what the servers had sent ahead into the

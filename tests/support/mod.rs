@@ -366,3 +366,43 @@ pub async fn strings(client: &tokio_postgres::Client, sql: &str) -> Vec<String> 
         .map(|r| r.get(0))
         .collect()
 }
+
+/// A load on the source while a test goes on: transaction `i` (1, 2, ...) is the SQL
+/// `step(i)` returns, on its own connection, with `pause` between transactions.
+pub struct Writer {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+impl Writer {
+    pub fn start(
+        client: tokio_postgres::Client,
+        pause: Duration,
+        mut step: impl FnMut(u64) -> String + Send + 'static,
+    ) -> Writer {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut i = 0;
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                let sql = step(i);
+                client
+                    .batch_execute(&sql)
+                    .await
+                    .unwrap_or_else(|e| panic!("writer: {sql}: {e:?}"));
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            i
+        });
+        Writer { stop, task }
+    }
+
+    /// Stop after the transaction in flight; how many were written.
+    pub async fn stop(self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.expect("the writer panicked")
+    }
+}
