@@ -73,6 +73,9 @@ const TABLES: [&str; 4] = [
 ];
 /// The source database.
 const SOURCE_DB: &str = "bench";
+/// The `[verify]` section of jobs that only sync.
+const NO_VERIFY: &str = "every = \"0\"\n";
+
 /// The publication the native subscriptions and the pg_recvlogical floor read.
 const PUBLICATION: &str = "bench_pub";
 /// The section of docs/benchmarks.md this program rewrites.
@@ -179,6 +182,11 @@ struct Args {
     /// and the target's reads then take nothing from the source's CPU).
     #[arg(long)]
     load_pin: bool,
+    /// catchup: cutover, native LR and the pg_recvlogical floor read the source over its
+    /// unix socket instead of TCP on 127.0.0.1 (a source on the same host; the walsender's
+    /// cost per message is much lower on a unix socket).
+    #[arg(long)]
+    catchup_socket: bool,
     /// The `cutover` binary (default: beside this program).
     #[arg(long)]
     cutover_bin: Option<PathBuf>,
@@ -372,6 +380,7 @@ struct Bench {
     load_verify_rows_per_second: u64,
     load_snapshot_max_age: Option<String>,
     load_pin: bool,
+    catchup_socket: bool,
     source_rows: u64,
     accounts_rows: u64,
 }
@@ -518,6 +527,7 @@ impl Bench {
             load_verify_rows_per_second: args.load_verify_rows_per_second,
             load_snapshot_max_age: args.load_snapshot_max_age.clone(),
             load_pin: args.load_pin,
+            catchup_socket: args.catchup_socket,
             source_rows: 0,
             accounts_rows: 0,
         };
@@ -1006,7 +1016,7 @@ impl Bench {
             let cpu0 = self.cpu();
             let t0 = Instant::now();
             target
-                .batch_execute(&self.create_subscription_sql(&sub))
+                .batch_execute(&self.create_subscription_sql(&sub, false))
                 .await
                 .context("CREATE SUBSCRIPTION")?;
             wait_subscription_ready(&target, &sub, RUN_TIMEOUT).await?;
@@ -1147,7 +1157,8 @@ impl Bench {
         };
         self.fresh_db(&db, Some(&self.schema_full)).await?;
         let result = async {
-            let (job, api) = self.write_job(&name, &db, mapped)?;
+            let (job, api) =
+                self.write_job_verifying(&name, &db, mapped, NO_VERIFY, self.catchup_socket)?;
             // The job exists: slot created, snapshot copied, then the daemon stopped.
             let mut daemon = self.spawn_daemon(&job, &api, &format!("{name}-setup.log"))?;
             let ready = wait_status(&mut daemon, RUN_TIMEOUT, |s| {
@@ -1216,7 +1227,7 @@ impl Bench {
         let result = async {
             let target = self.dst.connect(&db).await?;
             target
-                .batch_execute(&self.create_subscription_sql(&sub))
+                .batch_execute(&self.create_subscription_sql(&sub, self.catchup_socket))
                 .await
                 .context("CREATE SUBSCRIPTION")?;
             wait_subscription_ready(&target, &sub, RUN_TIMEOUT).await?;
@@ -1278,7 +1289,7 @@ impl Bench {
                 .context("create the floor's slot")?;
             let backlog = self.backlog().await?;
             let mut cmd = self.tool("pg_recvlogical");
-            cmd.args(["-d", &self.src.url(SOURCE_DB), "-S", &slot, "--start"])
+            cmd.args(["-d", &self.catchup_source_url(), "-S", &slot, "--start"])
                 .args(["-E", &backlog.end_lsn, "-o", "proto_version=1"])
                 .args(["-o", &format!("publication_names={PUBLICATION}")])
                 .args(["-F", "0", "-n", "-f", "/dev/null"]);
@@ -1708,7 +1719,7 @@ impl Bench {
         } else {
             "every = \"0\"\n".to_owned()
         };
-        self.write_job_verifying(LOAD_JOB, LOAD_DB, false, &section)
+        self.write_job_verifying(LOAD_JOB, LOAD_DB, false, &section, false)
     }
 
     /// A fresh target with the schema, and the job run until every table is copied and it
@@ -2181,14 +2192,34 @@ impl Bench {
         Ok(())
     }
 
-    fn create_subscription_sql(&self, sub: &str) -> String {
+    /// `socket`: connect over the source's unix socket (see `--catchup-socket`).
+    fn create_subscription_sql(&self, sub: &str, socket: bool) -> String {
+        let host = if socket {
+            self.src.socket_dir().display().to_string()
+        } else {
+            cutover::cluster::HOST.to_owned()
+        };
         format!(
-            "CREATE SUBSCRIPTION {sub} CONNECTION 'host={} port={} user={} dbname={SOURCE_DB}' \
+            "CREATE SUBSCRIPTION {sub} CONNECTION 'host={host} port={} user={} dbname={SOURCE_DB}' \
              PUBLICATION {PUBLICATION} WITH (copy_data = true)",
-            cutover::cluster::HOST,
             self.src.port(),
             cutover::cluster::SUPERUSER
         )
+    }
+
+    /// The URL catch-up consumers read [`SOURCE_DB`] with: TCP, or the unix socket with
+    /// `--catchup-socket`.
+    fn catchup_source_url(&self) -> String {
+        if self.catchup_socket {
+            format!(
+                "postgresql://{}@/{SOURCE_DB}?host={}&port={}",
+                cutover::cluster::SUPERUSER,
+                self.src.socket_dir().display(),
+                self.src.port()
+            )
+        } else {
+            self.src.url(SOURCE_DB)
+        }
     }
 
     /// Gate: every pgbench table equal on both sides by count and sum of row hashes.
@@ -2225,7 +2256,7 @@ impl Bench {
     /// `pgbench_accounts` gets a key filter and a column expression that keep its rows
     /// identical but make every change go through the source-side evaluation of the mapping.
     fn write_job(&self, name: &str, target_db: &str, mapped: bool) -> Result<(PathBuf, String)> {
-        self.write_job_verifying(name, target_db, mapped, "every = \"0\"\n")
+        self.write_job_verifying(name, target_db, mapped, NO_VERIFY, false)
     }
 
     /// [`Bench::write_job`] with `verify` as the body of its `[verify]` section. Rewriting
@@ -2237,6 +2268,7 @@ impl Bench {
         target_db: &str,
         mapped: bool,
         verify: &str,
+        catchup: bool,
     ) -> Result<(PathBuf, String)> {
         let dir = self.work.path().join(name);
         std::fs::create_dir_all(&dir)?;
@@ -2247,7 +2279,11 @@ impl Bench {
         let mut text = format!(
             "name = \"{name}\"\ndata_dir = \"{}\"\n\n[source]\nurl = \"{}\"\n\n[target]\nurl = \"{}\"\n\n",
             dir.join("data").display(),
-            self.src.url(SOURCE_DB),
+            if catchup {
+                self.catchup_source_url()
+            } else {
+                self.src.url(SOURCE_DB)
+            },
             self.dst.url(target_db)
         );
         for t in TABLES {
@@ -3236,8 +3272,17 @@ fn render(samples: &[Sample], env: &EnvInfo, args: &Args, elapsed: Duration) -> 
     );
     let _ = writeln!(
         md,
-        "- dataset: pgbench scale {} ({} rows in 4 tables, database {}); {} reps, tool order rotated each rep; catch-up backlog `pgbench -c 4 -j 2 -T {} -n`",
-        args.scale, env.source_rows, env.source_size, args.reps, args.backlog_secs
+        "- dataset: pgbench scale {} ({} rows in 4 tables, database {}); {} reps, tool order rotated each rep; catch-up backlog `pgbench -c 4 -j 2 -T {} -n`, its consumers reading the source over {}",
+        args.scale,
+        env.source_rows,
+        env.source_size,
+        args.reps,
+        args.backlog_secs,
+        if args.catchup_socket {
+            "its unix socket (`--catchup-socket`)"
+        } else {
+            "TCP on 127.0.0.1"
+        }
     );
     let verify_rows = samples
         .iter()
