@@ -51,6 +51,9 @@ impl CopyChunk {
     }
 }
 
+/// How much a chunk copies between updates of its table's shared counters.
+const PUBLISH_BYTES: u64 = 256 * 1024;
+
 /// Pages per chunk below which a table is copied whole (about 128 MB).
 const MIN_CHUNK_PAGES: u64 = 16_384;
 
@@ -171,19 +174,33 @@ pub async fn copy_chunk(
         .map_err(tgt_err)?;
     futures_util::pin_mut!(out);
     futures_util::pin_mut!(sink);
+    // Counted here and published every PUBLISH_BYTES: the counters are shared by the
+    // chunks of a table, and an atomic add per row would bounce their cache line between
+    // CPUs for every row.
     let mut messages = 0u64;
+    let (mut rows_unpublished, mut bytes_unpublished) = (0u64, 0u64);
     while let Some(chunk) = out.next().await {
         let chunk = chunk.map_err(src_err)?;
-        counters
-            .bytes
-            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-        counters.rows.fetch_add(1, Ordering::Relaxed);
         messages += 1;
+        rows_unpublished += 1;
+        bytes_unpublished += chunk.len() as u64;
+        if bytes_unpublished >= PUBLISH_BYTES {
+            counters.rows.fetch_add(rows_unpublished, Ordering::Relaxed);
+            counters
+                .bytes
+                .fetch_add(bytes_unpublished, Ordering::Relaxed);
+            (rows_unpublished, bytes_unpublished) = (0, 0);
+        }
         sink.feed(chunk).await.map_err(tgt_err)?;
     }
+    counters
+        .bytes
+        .fetch_add(bytes_unpublished, Ordering::Relaxed);
     let rows = sink.as_mut().finish().await.map_err(tgt_err)?;
     // Binary COPY adds a header and a trailer message: settle on the server's count.
-    counters.rows.fetch_add(rows, Ordering::Relaxed);
+    counters
+        .rows
+        .fetch_add(rows_unpublished + rows, Ordering::Relaxed);
     counters.rows.fetch_sub(messages, Ordering::Relaxed);
     src_tx.commit().await.map_err(src_err)?;
     let source_table = plan.source_name().to_string();
