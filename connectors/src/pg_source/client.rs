@@ -80,6 +80,8 @@ impl StartOptions {
 pub struct ReplicationSession {
     conn: wire::Connection,
     endpoint: String,
+    /// How the stream buffers, by the kind of socket (TCP or unix).
+    stream_config: wire::StreamConfig,
     slot: String,
     publication: String,
     start: Lsn,
@@ -212,6 +214,7 @@ impl ReplicationSession {
         Ok(Self {
             conn,
             endpoint,
+            stream_config: wire::StreamConfig::for_host(&params.host),
             slot: slot.to_string(),
             publication: publication.to_string(),
             start,
@@ -287,7 +290,7 @@ impl ReplicationSession {
         );
         let inner = self
             .conn
-            .start_replication(&command, self.start, wire::StreamConfig::default())
+            .start_replication(&command, self.start, self.stream_config)
             .await
             .map_err(|e| wire_error("start replication", &self.endpoint, e))?;
         Ok(ReplicationStream {
