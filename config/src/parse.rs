@@ -49,6 +49,7 @@ const DEFAULT_PARALLELISM: usize = 4;
 const MAX_PARALLELISM: i64 = 64;
 const DEFAULT_VERIFY_EVERY: Duration = Duration::from_secs(10 * 60);
 const DEFAULT_VERIFY_SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(2 * 60);
+const MIN_VERIFY_SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(1);
 /// Source rows a continuous pass reads per second at most.
 const DEFAULT_VERIFY_ROWS_PER_SECOND: u64 = 50_000;
 /// How long creating the slot may wait for open transactions on the source.
@@ -599,12 +600,10 @@ impl Ctx<'_> {
                     }
                 },
             },
-            snapshot_max_age: self.duration_or(
+            snapshot_max_age: self.snapshot_max_age(
                 raw.verify
                     .as_ref()
                     .and_then(|v| v.get_ref().snapshot_max_age.as_ref()),
-                "[verify] snapshot_max_age",
-                DEFAULT_VERIFY_SNAPSHOT_MAX_AGE,
             )?,
         };
         let ready_raw = raw.ready.as_ref().map(Spanned::get_ref);
@@ -1064,6 +1063,21 @@ impl Ctx<'_> {
             parallelism,
             slot_wait,
         })
+    }
+
+    /// `[verify] snapshot_max_age`: at least [`MIN_VERIFY_SNAPSHOT_MAX_AGE`], since a part
+    /// of a comparison reads at least one chunk in its snapshot anyway.
+    fn snapshot_max_age(&self, value: Option<&Value>) -> Result<Duration, ConfigError> {
+        const WHAT: &str = "[verify] snapshot_max_age";
+        let age = self.duration_or(value, WHAT, DEFAULT_VERIFY_SNAPSHOT_MAX_AGE)?;
+        match value {
+            Some(v) if age < MIN_VERIFY_SNAPSHOT_MAX_AGE => Err(self.err(
+                &v.span(),
+                format!("{WHAT} must be at least 1s, not {}", describe(v.get_ref())),
+                Some("write snapshot_max_age = \"1s\" or more (the default is \"2m\")".to_owned()),
+            )),
+            _ => Ok(age),
+        }
     }
 
     fn duration_or(

@@ -441,7 +441,7 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Socket for T {}
 /// Open the socket: `{host}/.s.PGSQL.{port}` when `host` is a directory (starts with
 /// `/`), else TCP (with Nagle off: status updates are small and must leave at once).
 pub async fn open_socket(host: &str, port: u16) -> Result<Box<dyn Socket>, WireError> {
-    if host.starts_with('/') {
+    if is_socket_dir(host) {
         #[cfg(unix)]
         {
             let path = format!("{}/.s.PGSQL.{port}", host.trim_end_matches('/'));
@@ -459,6 +459,11 @@ pub async fn open_socket(host: &str, port: u16) -> Result<Box<dyn Socket>, WireE
     let s = tokio::net::TcpStream::connect((host, port)).await?;
     s.set_nodelay(true)?;
     Ok(Box::new(s))
+}
+
+/// Whether `host` names a directory holding unix sockets rather than a TCP host.
+fn is_socket_dir(host: &str) -> bool {
+    host.starts_with('/')
 }
 
 /// What the startup message carries. Deliberately without `Debug`: it holds the password.
@@ -819,10 +824,9 @@ pub struct StreamConfig {
 }
 
 impl StreamConfig {
-    /// The tuning for a socket to `host`: a unix socket when it is a directory (starts
-    /// with `/`, as in [`open_socket`]), TCP otherwise.
+    /// The tuning for the socket [`open_socket`] opens to `host`: a unix socket or TCP.
     pub fn for_host(host: &str) -> Self {
-        if host.starts_with('/') {
+        if is_socket_dir(host) {
             Self {
                 capacity: UNIX_CHANNEL_CAPACITY,
                 ..Self::default()
