@@ -1157,8 +1157,7 @@ impl Bench {
         };
         self.fresh_db(&db, Some(&self.schema_full)).await?;
         let result = async {
-            let (job, api) =
-                self.write_job_verifying(&name, &db, mapped, NO_VERIFY, self.catchup_socket)?;
+            let (job, api) = self.write_job_verifying(&name, &db, mapped, NO_VERIFY, true)?;
             // The job exists: slot created, snapshot copied, then the daemon stopped.
             let mut daemon = self.spawn_daemon(&job, &api, &format!("{name}-setup.log"))?;
             let ready = wait_status(&mut daemon, RUN_TIMEOUT, |s| {
@@ -2259,7 +2258,8 @@ impl Bench {
         self.write_job_verifying(name, target_db, mapped, NO_VERIFY, false)
     }
 
-    /// [`Bench::write_job`] with `verify` as the body of its `[verify]` section. Rewriting
+    /// [`Bench::write_job`] with `verify` as the body of its `[verify]` section; a
+    /// `catchup` job reads the source as [`Bench::catchup_source_url`] says. Rewriting
     /// the file of an existing job keeps its name and data directory (so its slot), with a
     /// new API port.
     fn write_job_verifying(
