@@ -22,7 +22,14 @@ CREATE TABLE public.types (
     vb bit varying(16), bits bit(4),
     tsv tsvector, pt point, x xml, bo boolean, c char(3), vc varchar(10), "select" text
 );
+-- The same without array columns (and with two dropped ones): the stream sends its rows
+-- to the target as one array per column (`unnest`), where `types` takes VALUES.
+CREATE TABLE public.scalars (LIKE public.types INCLUDING ALL);
+ALTER TABLE public.scalars DROP COLUMN arr, DROP COLUMN tarr;
 "#;
+
+/// `scalars`' columns, in order.
+const SCALAR_COLUMNS: &str = "n, f8, f4, ts, tstz, d, t, ttz, iv, j, jb, b, m, p, r, tr, ip, cidr_, mac, u, money_, vb, bits, tsv, pt, x, bo, c, vc, \"select\"";
 
 const ROWS: &str = r#"
 INSERT INTO types VALUES
@@ -38,11 +45,26 @@ INSERT INTO types VALUES
  (4, '0.000000000000000000000000000001', '2.2250738585072014e-308', '-0', '2024-02-29 00:00:00', '1999-12-31 23:59:59+00', '2024-01-01', '12:34:56.789', '12:34:56+00', '0',
   '{{1,2},{3,4}}', '{"\\backslash","new\nline","tab\t"}', '"just a string"', '"\u00e9"', '\x5c27', 'ok', 2147483647, '(,)', '(,"2030-01-01 00:00:00+00"]', '2001:db8::1', '2001:db8::/32', 'ff:ff:ff:ff:ff:ff',
   'ffffffff-ffff-ffff-ffff-ffffffffffff', '92233720368547758.07', B'1111111111111111', B'1111', '''quoted'' lexeme', '(-1e-300,1e300)', '<?xml version="1.0"?><r/>', NULL, 'x', 'x', E'multi\nline ''text'' "q" \\ end');
+INSERT INTO scalars SELECT id, n, f8, f4, ts, tstz, d, t, ttz, iv, j, jb, b, m, p, r, tr, ip, cidr_, mac, u, money_, vb, bits, tsv, pt, x, bo, c, vc, "select" FROM types;
 "#;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn values_survive_snapshot_and_stream() {
-    let (src, dst) = tokio::join!(cluster("types-src"), cluster("types-dst"));
+    round_trip(false).await;
+}
+
+/// The same with a target user that may set `session_replication_role`: the stream's
+/// changes are folded per key and sent set-based (see `pg_apply::net`).
+#[tokio::test(flavor = "multi_thread")]
+async fn values_survive_snapshot_and_stream_as_net_changes() {
+    round_trip(true).await;
+}
+
+async fn round_trip(net: bool) {
+    let (src, dst) = tokio::join!(
+        cluster(if net { "types-net-src" } else { "types-src" }),
+        cluster(if net { "types-net-dst" } else { "types-dst" })
+    );
     src.create_database("db").await.unwrap();
     dst.create_database("db").await.unwrap();
     src.execute("db", SCHEMA).await.unwrap();
@@ -60,21 +82,35 @@ async fn values_survive_snapshot_and_stream() {
     src.execute("db", ROWS).await.unwrap();
     let s = src.connect("db").await.unwrap();
     let d = dst.connect("db").await.unwrap();
-    let target_url = dst.url("db").replace("postgres@", "app@");
+    let target_url = if net {
+        dst.url("db")
+    } else {
+        dst.url("db").replace("postgres@", "app@")
+    };
     let job = Job::write("types", &src.url("db"), &target_url, "");
+    // Which columns may travel as array elements: not arrays, not `box` (its elements are
+    // separated by `;`), the rest.
+    let info = cutover_connectors::catalog::table_info(
+        &d,
+        &cutover_connectors::TableName::new("public", "types"),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let as_elements: Vec<&str> = info
+        .columns
+        .iter()
+        .filter(|c| !c.array_element)
+        .map(|c| c.name.as_str())
+        .collect();
+    assert_eq!(as_elements, ["arr", "tarr"]);
     let mut daemon = Daemon::start(&job);
     daemon
         .wait_phase("streaming", Duration::from_secs(60))
         .await;
-    wait_equal(
-        &s,
-        &d,
-        "public.types",
-        "public.types",
-        Duration::from_secs(30),
-        Some(&daemon),
-    )
-    .await;
+    for table in ["public.types", "public.scalars"] {
+        wait_equal(&s, &d, table, table, Duration::from_secs(30), Some(&daemon)).await;
+    }
 
     // The same values through the stream: re-insert them under new keys, then update and
     // delete by them.
@@ -85,15 +121,28 @@ async fn values_survive_snapshot_and_stream() {
     )
     .await
     .unwrap();
-    wait_equal(
-        &s,
-        &d,
-        "public.types",
-        "public.types",
-        Duration::from_secs(30),
-        Some(&daemon),
-    )
-    .await;
+    // In one transaction, so that net changes fold: rows inserted then updated, updated
+    // twice, updated then deleted, and text that needs escaping at both levels.
+    s.batch_execute(&format!(
+        "BEGIN;
+         INSERT INTO scalars SELECT id + 100, {SCALAR_COLUMNS} FROM scalars;
+         UPDATE scalars SET n = 'NaN', f8 = '-0' WHERE id = 101;
+         UPDATE scalars SET \"select\" = coalesce(\"select\", '') || E' \\\\\"{{x}}'' NULL' WHERE id <> 104;
+         UPDATE scalars SET vc = NULL, tsv = $$'it''s' \"q\"$$ WHERE id IN (1, 4, 101);
+         DELETE FROM scalars WHERE id IN (3, 103);
+         COMMIT;"
+    ))
+    .await
+    .unwrap();
+    for table in ["public.types", "public.scalars"] {
+        wait_equal(&s, &d, table, table, Duration::from_secs(30), Some(&daemon)).await;
+    }
+    let escaped: String = d
+        .query_one("SELECT \"select\" FROM scalars WHERE id = 2", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(escaped, r#" \"{x}' NULL"#);
     // -0 stays -0 (its text differs from 0) and NaN stays NaN.
     let f8: String = d
         .query_one("SELECT f8::text FROM types WHERE id = 104", &[])

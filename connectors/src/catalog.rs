@@ -27,6 +27,10 @@ pub struct ColumnInfo {
     pub has_equality: bool,
     /// A built-in type (OID below 16384), whose binary COPY form is the same everywhere.
     pub builtin: bool,
+    /// Values of the type travel intact as elements of a `type[]` literal: the type has an
+    /// array type, `,` delimits its elements, and it is no array itself (see
+    /// `pg_apply::arrays`).
+    pub array_element: bool,
 }
 
 /// A table: its OID, columns and key.
@@ -165,8 +169,10 @@ pub async fn table_info(client: &Client, name: &TableName) -> Result<Option<Tabl
                             WHERE oc.opcdefault AND am.amname IN ('btree', 'hash') \
                               AND oc.opcintype IN (e.eq_oid, \
                                  (SELECT typbasetype FROM pg_catalog.pg_type WHERE oid = e.eq_oid))), \
-                    pg_catalog.format_type(a.atttypid, NULL), (a.atthasdef OR a.attidentity <> '') \
+                    pg_catalog.format_type(a.atttypid, NULL), (a.atthasdef OR a.attidentity <> ''), \
+                    (ty.typarray <> 0 AND ty.typdelim = ',' AND ty.typcategory <> 'A') \
              FROM pg_catalog.pg_attribute a JOIN elem e ON e.oid = a.atttypid \
+                  JOIN pg_catalog.pg_type ty ON ty.oid = a.atttypid \
              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped \
              ORDER BY a.attnum",
             &[&oid, &has_pk],
@@ -189,6 +195,7 @@ pub async fn table_info(client: &Client, name: &TableName) -> Result<Option<Tabl
                 key: r.get(6),
                 has_equality: r.get(7),
                 builtin: type_oid < 16384,
+                array_element: r.get(10),
             }
         })
         .collect();

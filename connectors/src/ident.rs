@@ -21,15 +21,21 @@ pub fn quote_ident(name: &str) -> String {
 /// (replication commands, `SET TRANSACTION SNAPSHOT`).
 pub fn quote_literal(value: &str) -> String {
     let mut out = String::with_capacity(value.len() + 2);
-    out.push('\'');
-    for c in value.chars() {
-        if c == '\'' {
-            out.push('\'');
-        }
-        out.push(c);
-    }
-    out.push('\'');
+    push_literal(&mut out, value);
     out
+}
+
+/// Append `value` quoted as a string literal (what [`quote_literal`] returns) to `out`.
+pub fn push_literal(out: &mut String, value: &str) {
+    out.push('\'');
+    let mut rest = value;
+    while let Some(i) = rest.find('\'') {
+        out.push_str(&rest[..=i]);
+        out.push('\'');
+        rest = &rest[i + 1..];
+    }
+    out.push_str(rest);
+    out.push('\'');
 }
 
 /// A schema-qualified table name, as the catalog spells it (not quoted).

@@ -274,7 +274,7 @@ pub async fn digest(client: &tokio_postgres::Client, table: &str) -> (i64, Strin
         .await
         .unwrap();
     let sql = format!(
-        "SELECT count(*), coalesce(md5(string_agg(t::text, E'\\n' ORDER BY t::text COLLATE \"C\")), '') FROM {table} t"
+        "SELECT count(*), coalesce(md5(string_agg(ROW(t.*)::text, E'\\n' ORDER BY ROW(t.*)::text COLLATE \"C\")), '') FROM {table} t"
     );
     let row = client
         .query_one(&sql, &[])
@@ -295,8 +295,9 @@ pub async fn wait_equal(
 ) {
     let deadline = Instant::now() + timeout;
     loop {
-        let a = rows(source, source_table, "t").await;
-        let b = rows(target, target_table, "t").await;
+        // `ROW(t.*)`, not `t`: a column named `t` would hide the row (the type test has one).
+        let a = rows(source, source_table, "ROW(t.*)").await;
+        let b = rows(target, target_table, "ROW(t.*)").await;
         if a == b {
             return;
         }

@@ -4,7 +4,8 @@
 //! Statements are built as SQL text with every value a quoted literal (the text form
 //! pgoutput sent, which the target column's input function parses back), and sent in
 //! batches with the simple query protocol: one round trip carries many statements, and
-//! consecutive inserts into one table become one multi-row `INSERT`. Values are never
+//! consecutive inserts into one table become one multi-row `INSERT` (rows sent as one
+//! array per column where the types allow, see [`super::arrays`]). Values are never
 //! spliced unquoted and identifiers are always quoted. The SQL buffer is flushed to the
 //! server whenever it passes [`MAX_SQL_BYTES`], so a transaction of any size uses bounded
 //! memory here; the target holds the open transaction.
@@ -16,11 +17,12 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
+use super::arrays::ColumnArrays;
 use super::net::{NotFoldable, TableQueue, key_bytes};
 use super::plan::TablePlan;
 use super::state::Progress;
 use crate::error::{Error, Result};
-use crate::ident::{TableName, quote_ident, quote_literal};
+use crate::ident::{TableName, push_literal, quote_ident, quote_literal};
 use crate::lsn::Lsn;
 use crate::pg_source::decode::{
     Begin, ColumnValue, Commit, Delete, Insert, OldTuple, Relation, Truncate, TupleData, Update,
@@ -73,11 +75,14 @@ struct RelationMap {
 enum OpenStatement {
     /// A multi-row INSERT: where its text starts in the buffer, and where its first row
     /// starts (a single-row INSERT is turned into an EXECUTE of a prepared one on close).
+    /// With `unnest`, rows also go to (and, after the first, only to) the applier's
+    /// column arrays, and the statement is written from them on close.
     Insert {
         oid: u32,
         rows: usize,
         start: usize,
         values: usize,
+        unnest: bool,
     },
     Delete {
         oid: u32,
@@ -104,6 +109,8 @@ pub struct Applier {
     limits: GroupLimits,
     sql: String,
     open: Option<OpenStatement>,
+    /// The rows of an open `unnest` insert, column by column.
+    arrays: ColumnArrays,
     /// A target transaction is open (its BEGIN is buffered or sent).
     in_group: bool,
     group_started: Instant,
@@ -222,6 +229,7 @@ impl Applier {
             limits,
             sql: String::with_capacity(MAX_SQL_BYTES + 64 * 1024),
             open: None,
+            arrays: ColumnArrays::default(),
             in_group: false,
             group_started: Instant::now(),
             group_txns: 0,
@@ -593,6 +601,7 @@ impl Applier {
                 rows: 1,
                 start,
                 values,
+                ..
             }) => {
                 // `(v1, v2)` is already the argument list of an EXECUTE.
                 let plan = self.relations.get(&oid).and_then(|r| r.plan.clone());
@@ -623,6 +632,29 @@ impl Applier {
                 }
                 self.sql.push(';');
             }
+            Some(OpenStatement::Insert {
+                oid,
+                start,
+                unnest: true,
+                ..
+            }) => {
+                // Only the first row is in the buffer, as VALUES: write the statement
+                // again from the arrays.
+                self.sql.truncate(start);
+                if let Some(plan) = self.relations.get(&oid).and_then(|r| r.plan.as_ref()) {
+                    let _ = write!(
+                        self.sql,
+                        "INSERT INTO {} ({}) SELECT * FROM ",
+                        plan.target_name().quoted(),
+                        plan.target_column_list()
+                    );
+                    self.arrays.write_from(
+                        &mut self.sql,
+                        plan.columns.iter().map(|c| c.type_name.as_str()),
+                    );
+                    self.sql.push(';');
+                }
+            }
             Some(OpenStatement::Insert { .. }) => self.sql.push(';'),
             Some(OpenStatement::Delete { .. }) => self.sql.push_str(");"),
             None => {}
@@ -650,7 +682,7 @@ impl Applier {
     }
 
     async fn maybe_flush(&mut self) -> Result<()> {
-        if self.sql.len() >= MAX_SQL_BYTES {
+        if self.sql.len() + self.arrays.bytes() >= MAX_SQL_BYTES {
             self.close_statement();
             self.send().await?;
         }
@@ -688,29 +720,50 @@ impl Applier {
         table: &TableName,
         column: &str,
     ) -> Result<()> {
-        match value {
-            ColumnValue::Null => sql.push_str("NULL"),
-            ColumnValue::Text(bytes) => {
-                let text = std::str::from_utf8(bytes).map_err(|_| {
-                    Error::operator(format!(
-                        "invalid UTF-8 in column {table}.{}",
-                        quote_ident(column)
-                    ))
-                })?;
-                sql.push_str(&quote_literal(text));
-            }
-            ColumnValue::UnchangedToast => {
-                return Err(Error::operator(format!(
-                    "the stream sent no value for column {table}.{} of a new row",
-                    quote_ident(column)
-                )));
-            }
-            ColumnValue::Binary(_) => {
-                return Err(Error::operator(
-                    "the stream sent a binary value; cutover asks for text",
-                ));
-            }
+        match Self::text_value(value, table, column)? {
+            None => sql.push_str("NULL"),
+            Some(text) => push_literal(sql, text),
         }
+        Ok(())
+    }
+
+    /// A value's text (`None` for NULL); an error for a value that cannot be written.
+    fn text_value<'a>(
+        value: &'a ColumnValue,
+        table: &TableName,
+        column: &str,
+    ) -> Result<Option<&'a str>> {
+        match value {
+            ColumnValue::Null => Ok(None),
+            ColumnValue::Text(bytes) => std::str::from_utf8(bytes).map(Some).map_err(|_| {
+                Error::operator(format!(
+                    "invalid UTF-8 in column {table}.{}",
+                    quote_ident(column)
+                ))
+            }),
+            ColumnValue::UnchangedToast => Err(Error::operator(format!(
+                "the stream sent no value for column {table}.{} of a new row",
+                quote_ident(column)
+            ))),
+            ColumnValue::Binary(_) => Err(Error::operator(
+                "the stream sent a binary value; cutover asks for text",
+            )),
+        }
+    }
+
+    /// Add one row to the column arrays: the values of the given plan columns, in order.
+    fn push_array_row<'a>(
+        arrays: &mut ColumnArrays,
+        plan: &TablePlan,
+        values: impl Iterator<Item = (usize, &'a ColumnValue)>,
+    ) -> Result<()> {
+        for (n, (j, v)) in values.enumerate() {
+            arrays.push(
+                n,
+                Self::text_value(v, plan.source_name(), &plan.columns[j].source)?,
+            );
+        }
+        arrays.end_row();
         Ok(())
     }
 
@@ -742,46 +795,69 @@ impl Applier {
             self.flush_queue(ins.oid).await?;
         }
         let extend = matches!(self.open, Some(OpenStatement::Insert { oid, rows, .. }) if oid == ins.oid && rows < MAX_ROWS_PER_STATEMENT);
+        let unnest = match self.open {
+            Some(OpenStatement::Insert { unnest, .. }) if extend => unnest,
+            _ => plan.columns.iter().all(|c| c.array_element),
+        };
         let mut offsets = (0, 0);
-        if extend {
-            self.sql.push_str(",(");
-        } else {
+        if !extend {
             self.close_statement();
-            offsets.0 = self.sql.len();
-            let _ = write!(
-                self.sql,
-                "INSERT INTO {} ({}) VALUES ",
-                plan.target_name().quoted(),
-                plan.target_column_list()
-            );
-            offsets.1 = self.sql.len();
-            self.sql.push('(');
-        }
-        for (j, c) in plan.columns.iter().enumerate() {
-            if j > 0 {
-                self.sql.push(',');
+            if unnest {
+                self.arrays.start(plan.columns.len());
             }
-            let v = Self::value(&ins.new, idx[j], plan.source_name())?;
-            Self::push_value(&mut self.sql, v, plan.source_name(), &c.source)?;
         }
-        self.sql.push(')');
+        if unnest {
+            for (j, c) in plan.columns.iter().enumerate() {
+                let v = Self::value(&ins.new, idx[j], plan.source_name())?;
+                let text = Self::text_value(v, plan.source_name(), &c.source)?;
+                self.arrays.push(j, text);
+            }
+            self.arrays.end_row();
+        }
+        // The first row also goes to the buffer as VALUES, in case it stays alone.
+        if !(extend && unnest) {
+            if extend {
+                self.sql.push(',');
+            } else {
+                offsets.0 = self.sql.len();
+                let _ = write!(
+                    self.sql,
+                    "INSERT INTO {} ({}) VALUES ",
+                    plan.target_name().quoted(),
+                    plan.target_column_list()
+                );
+                offsets.1 = self.sql.len();
+            }
+            self.sql.push('(');
+            for (j, c) in plan.columns.iter().enumerate() {
+                if j > 0 {
+                    self.sql.push(',');
+                }
+                let v = Self::value(&ins.new, idx[j], plan.source_name())?;
+                Self::push_value(&mut self.sql, v, plan.source_name(), &c.source)?;
+            }
+            self.sql.push(')');
+        }
         self.open = Some(match self.open {
             Some(OpenStatement::Insert {
                 oid,
                 rows,
                 start,
                 values,
+                unnest,
             }) if extend => OpenStatement::Insert {
                 oid,
                 rows: rows + 1,
                 start,
                 values,
+                unnest,
             },
             _ => OpenStatement::Insert {
                 oid: ins.oid,
                 rows: 1,
                 start: offsets.0,
                 values: offsets.1,
+                unnest,
             },
         });
         self.group_rows += 1;
@@ -1224,24 +1300,62 @@ impl Applier {
                 }
             }
         }
+        let arrays = |cols: &[usize]| cols.iter().all(|&j| plan.columns[j].array_element);
+        let types = |cols: &[usize]| -> Vec<&str> {
+            cols.iter()
+                .map(|&j| plan.columns[j].type_name.as_str())
+                .collect()
+        };
+        let matches = keys
+            .iter()
+            .map(|&j| format!("t.{0} = v.{0}", quote_ident(&plan.columns[j].target)))
+            .collect::<Vec<_>>()
+            .join(" AND ");
+        let keys_unnest = arrays(&keys);
         for chunk in deletes.chunks(MAX_ROWS_PER_STATEMENT) {
-            let _ = write!(self.sql, "DELETE FROM {target} WHERE ({key_list}) IN (");
-            for (n, key_values) in chunk.iter().enumerate() {
-                self.sql.push_str(if n == 0 { "" } else { "," });
-                Self::push_row(&mut self.sql, &plan, keys.iter().copied().zip(key_values))?;
+            if keys_unnest {
+                self.arrays.start(keys.len());
+                for key_values in chunk {
+                    Self::push_array_row(
+                        &mut self.arrays,
+                        &plan,
+                        keys.iter().copied().zip(key_values),
+                    )?;
+                }
+                let _ = write!(self.sql, "DELETE FROM {target} AS t USING ");
+                self.arrays.write_from(&mut self.sql, types(&keys));
+                let _ = write!(self.sql, " AS v({key_list}) WHERE {matches};");
+            } else {
+                let _ = write!(self.sql, "DELETE FROM {target} WHERE ({key_list}) IN (");
+                for (n, key_values) in chunk.iter().enumerate() {
+                    self.sql.push_str(if n == 0 { "" } else { "," });
+                    Self::push_row(&mut self.sql, &plan, keys.iter().copied().zip(key_values))?;
+                }
+                self.sql.push_str(");");
             }
-            self.sql.push_str(");");
             self.send_if_full().await?;
         }
+        let all: Vec<usize> = (0..plan.columns.len()).collect();
+        let all_unnest = arrays(&all);
         for chunk in inserts.chunks(MAX_ROWS_PER_STATEMENT) {
             let _ = write!(
                 self.sql,
-                "INSERT INTO {target} ({}) VALUES ",
+                "INSERT INTO {target} ({}) ",
                 plan.target_column_list()
             );
-            for (n, row) in chunk.iter().enumerate() {
-                self.sql.push_str(if n == 0 { "" } else { "," });
-                Self::push_row(&mut self.sql, &plan, row.iter().enumerate())?;
+            if all_unnest {
+                self.arrays.start(all.len());
+                for row in chunk {
+                    Self::push_array_row(&mut self.arrays, &plan, row.iter().enumerate())?;
+                }
+                self.sql.push_str("SELECT * FROM ");
+                self.arrays.write_from(&mut self.sql, types(&all));
+            } else {
+                self.sql.push_str("VALUES ");
+                for (n, row) in chunk.iter().enumerate() {
+                    self.sql.push_str(if n == 0 { "" } else { "," });
+                    Self::push_row(&mut self.sql, &plan, row.iter().enumerate())?;
+                }
             }
             self.sql.push(';');
             self.send_if_full().await?;
@@ -1261,37 +1375,47 @@ impl Applier {
                 .map(|&j| quote_ident(&plan.columns[j].target))
                 .collect::<Vec<_>>()
                 .join(",");
-            let matches = keys
-                .iter()
-                .map(|&j| format!("t.{0} = v.{0}", quote_ident(&plan.columns[j].target)))
-                .collect::<Vec<_>>()
-                .join(" AND ");
+            let unnest = arrays(&cols);
             for chunk in rows.chunks(MAX_ROWS_PER_STATEMENT) {
                 let _ = write!(
                     self.sql,
-                    "UPDATE {target} AS t SET {} FROM (VALUES ",
+                    "UPDATE {target} AS t SET {} FROM ",
                     set.join(", ")
                 );
-                for (n, row) in chunk.iter().enumerate() {
-                    self.sql.push_str(if n == 0 { "(" } else { ",(" });
-                    for (m, &j) in cols.iter().enumerate() {
-                        if m > 0 {
-                            self.sql.push(',');
-                        }
-                        Self::push_value(
-                            &mut self.sql,
-                            &row[j],
-                            plan.source_name(),
-                            &plan.columns[j].source,
+                if unnest {
+                    self.arrays.start(cols.len());
+                    for row in chunk {
+                        Self::push_array_row(
+                            &mut self.arrays,
+                            &plan,
+                            cols.iter().map(|&j| (j, &row[j])),
                         )?;
-                        if n == 0 {
-                            // The first row types the VALUES columns; the rest follow.
-                            let _ = write!(self.sql, "::{}", plan.columns[j].type_name);
+                    }
+                    self.arrays.write_from(&mut self.sql, types(&cols));
+                } else {
+                    self.sql.push_str("(VALUES ");
+                    for (n, row) in chunk.iter().enumerate() {
+                        self.sql.push_str(if n == 0 { "(" } else { ",(" });
+                        for (m, &j) in cols.iter().enumerate() {
+                            if m > 0 {
+                                self.sql.push(',');
+                            }
+                            Self::push_value(
+                                &mut self.sql,
+                                &row[j],
+                                plan.source_name(),
+                                &plan.columns[j].source,
+                            )?;
+                            if n == 0 {
+                                // The first row types the VALUES columns; the rest follow.
+                                let _ = write!(self.sql, "::{}", plan.columns[j].type_name);
+                            }
                         }
+                        self.sql.push(')');
                     }
                     self.sql.push(')');
                 }
-                let _ = write!(self.sql, ") AS v({names}) WHERE {matches};");
+                let _ = write!(self.sql, " AS v({names}) WHERE {matches};");
                 self.send_if_full().await?;
             }
         }

@@ -458,6 +458,9 @@ impl Mapper {
                         key: false,
                         has_equality: false,
                         builtin: rc.type_oid < 16384,
+                        // Not looked up for a column added on the way: rows with it are
+                        // sent as VALUES.
+                        array_element: false,
                     });
                     notes.push(format!(
                         "new column {} of {src} ({}) was added to {dst}",
@@ -904,6 +907,7 @@ fn new_column(name: &str, type_name: &str) -> ColumnMap {
         key: false,
         match_as_text: true,
         type_name: type_name.to_string(),
+        array_element: false,
     }
 }
 

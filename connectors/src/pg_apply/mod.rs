@@ -9,6 +9,7 @@
 //! ever released by the source.
 
 mod apply;
+mod arrays;
 mod copy;
 mod create;
 mod indexes;

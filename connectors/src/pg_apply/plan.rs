@@ -35,6 +35,9 @@ pub struct ColumnMap {
     pub match_as_text: bool,
     /// The target column's type, as `format_type` prints it (for prepared statements).
     pub type_name: String,
+    /// The target column's values may be sent as array elements (see
+    /// [`crate::catalog::ColumnInfo::array_element`]).
+    pub array_element: bool,
 }
 
 /// A row filter: SQL over the source row, and the source columns it reads.
@@ -366,6 +369,7 @@ pub async fn plan_table(
             key: t.key,
             match_as_text: !t.has_equality,
             type_name: t.type_name.clone(),
+            array_element: t.array_element,
         });
     }
 
@@ -953,6 +957,7 @@ mod tests {
             key: false,
             has_equality: true,
             builtin: true,
+            array_element: true,
         };
         let t = TableInfo {
             name: TableName::new("public", "t"),
