@@ -109,8 +109,9 @@ pub struct Applier {
     limits: GroupLimits,
     sql: String,
     open: Option<OpenStatement>,
-    /// The rows of an open `unnest` insert, column by column.
+    /// The rows of an open `unnest` insert, column by column, and the plan they follow.
     arrays: ColumnArrays,
+    arrays_plan: Option<Arc<TablePlan>>,
     /// A target transaction is open (its BEGIN is buffered or sent).
     in_group: bool,
     group_started: Instant,
@@ -230,6 +231,7 @@ impl Applier {
             sql: String::with_capacity(MAX_SQL_BYTES + 64 * 1024),
             open: None,
             arrays: ColumnArrays::default(),
+            arrays_plan: None,
             in_group: false,
             group_started: Instant::now(),
             group_txns: 0,
@@ -603,7 +605,10 @@ impl Applier {
                 values,
                 ..
             }) => {
-                // `(v1, v2)` is already the argument list of an EXECUTE.
+                // `(v1, v2)` is already the argument list of an EXECUTE; the arrays (if
+                // any) hold the same row.
+                self.arrays.clear();
+                self.arrays_plan = None;
                 let plan = self.relations.get(&oid).and_then(|r| r.plan.clone());
                 if let Some(plan) = plan {
                     let key = StatementKey {
@@ -633,15 +638,14 @@ impl Applier {
                 self.sql.push(';');
             }
             Some(OpenStatement::Insert {
-                oid,
                 start,
                 unnest: true,
                 ..
             }) => {
                 // Only the first row is in the buffer, as VALUES: write the statement
-                // again from the arrays.
-                self.sql.truncate(start);
-                if let Some(plan) = self.relations.get(&oid).and_then(|r| r.plan.as_ref()) {
+                // again from the arrays (set together with `unnest`, so always there).
+                if let Some(plan) = self.arrays_plan.take() {
+                    self.sql.truncate(start);
                     let _ = write!(
                         self.sql,
                         "INSERT INTO {} ({}) SELECT * FROM ",
@@ -804,6 +808,7 @@ impl Applier {
             self.close_statement();
             if unnest {
                 self.arrays.start(plan.columns.len());
+                self.arrays_plan = Some(plan.clone());
             }
         }
         if unnest {

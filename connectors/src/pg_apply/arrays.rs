@@ -57,9 +57,18 @@ impl ColumnArrays {
         self.rows += 1;
     }
 
+    /// Empty the arrays (their memory is kept).
+    pub fn clear(&mut self) {
+        for c in &mut self.columns {
+            c.clear();
+        }
+        self.rows = 0;
+    }
+
     /// Append `ROWS FROM (unnest('{...}'::type[]), ...)`, `types` giving each column's
-    /// type (as `format_type` prints it) in column order.
-    pub fn write_from<'a>(&self, sql: &mut String, types: impl IntoIterator<Item = &'a str>) {
+    /// type (as `format_type` prints it) in column order, and empty the arrays: what they
+    /// held is in `sql` now, and must not count against the buffer's size any more.
+    pub fn write_from<'a>(&mut self, sql: &mut String, types: impl IntoIterator<Item = &'a str>) {
         sql.push_str("ROWS FROM (");
         for (n, (column, ty)) in self.columns.iter().zip(types).enumerate() {
             if n > 0 {
@@ -68,6 +77,7 @@ impl ColumnArrays {
             let _ = write!(sql, "unnest('{{{column}}}'::{ty}[])");
         }
         sql.push(')');
+        self.clear();
     }
 }
 
@@ -106,11 +116,14 @@ mod tests {
         a.end_row();
         let mut sql = String::new();
         a.write_from(&mut sql, ["text", "pg_catalog.int4"]);
+        assert_eq!((a.rows, a.bytes()), (0, 0), "written out, so empty");
         assert_eq!(
             sql,
             r#"ROWS FROM (unnest('{"it''s \"x\" \\ y",""}'::text[]), unnest('{NULL,"NULL"}'::pg_catalog.int4[]))"#
         );
+        a.push(0, Some("x"));
+        a.push(1, Some("y"));
         a.start(1);
-        assert_eq!((a.rows, a.bytes()), (0, 0));
+        assert_eq!((a.rows, a.bytes(), a.columns.len()), (0, 0, 1));
     }
 }
