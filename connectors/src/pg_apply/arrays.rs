@@ -28,11 +28,8 @@ impl ColumnArrays {
     /// Start empty, with `width` columns (allocations are kept).
     pub fn start(&mut self, width: usize) {
         self.columns.truncate(width);
-        for c in &mut self.columns {
-            c.clear();
-        }
+        self.clear();
         self.columns.resize_with(width, String::new);
-        self.rows = 0;
     }
 
     /// The size of the text held.
