@@ -263,6 +263,58 @@ async fn immediate_restarts_of_source_and_target_are_survived() {
     drop((s, d));
 }
 
+/// A session of an earlier run may still be committing on the target when a new run
+/// starts (its daemon was killed mid-group). The new run must not read the progress
+/// before that session has ended, or it would apply the same source transactions again.
+/// Here a test session holds the job's lock in its place: nothing may be applied until it
+/// lets go, and then everything, once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_run_waits_for_an_earlier_session_on_the_target() {
+    let (src, dst, s, d) = setup(100).await;
+    let job = Job::write("fence", &src.url("db"), &dst.url("db"), "");
+    let mut daemon = Daemon::start(&job);
+    daemon.wait_phase("streaming", TIMEOUT).await;
+    assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
+    let earlier = dst.connect("db").await.unwrap();
+    let key = cutover_connectors::pg_apply::job_lock_key("fence");
+    earlier
+        .execute("SELECT pg_advisory_lock($1, $2)", &[&0x6375_7476_i32, &key])
+        .await
+        .unwrap();
+    s.batch_execute(
+        "INSERT INTO journal SELECT g, 'while fenced' FROM generate_series(1, 50) g;
+         UPDATE counters SET n = n + 7;",
+    )
+    .await
+    .unwrap();
+    let mut daemon = Daemon::start(&job);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !daemon
+        .output()
+        .contains("waiting for an earlier session of this job")
+    {
+        assert!(
+            std::time::Instant::now() < deadline && daemon.running(),
+            "the run did not wait for the job's lock:\n{}",
+            daemon.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let applied: i64 = d
+        .query_one(
+            "SELECT count(*) FROM journal WHERE note = 'while fenced'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(applied, 0, "changes were applied while the lock was held");
+    drop(earlier);
+    assert_equal(&s, &d, &daemon).await;
+    assert!(daemon.running(), "{}", daemon.output());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lost_slot_is_refused_not_recreated() {
     let (src, dst) = tokio::join!(

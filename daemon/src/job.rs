@@ -350,6 +350,9 @@ async fn run_once(ctx: &JobContext) -> Result<Ended> {
     if let Some(state) = &slot_state {
         provision::check_slot_usable(&slot, state, &ctx.source.dbname)?;
     }
+    // This session applies the stream: from here on, no session of an earlier run may
+    // still be writing to the target (see `lock_job`).
+    pg_apply::lock_job(&target, &spec.name, JOB_LOCK_WAIT).await?;
     // The publication first, then the slot (hard case 14).
     let source_tables: Vec<TableName> = plans
         .iter()
@@ -991,6 +994,10 @@ impl Streaming<'_> {
         Ok(())
     }
 }
+
+/// How long a run waits for an earlier session of the job to leave the target before the
+/// attempt fails (and is retried).
+const JOB_LOCK_WAIT: Duration = Duration::from_secs(30);
 
 /// Notes kept per table in the status.
 const MAX_NOTES: usize = 20;

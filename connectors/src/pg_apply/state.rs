@@ -99,6 +99,78 @@ pub async fn read_progress(client: &Client, job: &str) -> Result<Option<Progress
     }))
 }
 
+/// The first key of the job locks (`'cutv'`); the second is [`job_lock_key`].
+const LOCK_CLASS: i32 = 0x6375_7476;
+
+/// The second key of a job's lock: FNV-1a of its name (fixed here, so that daemons of
+/// different versions agree on it).
+pub fn job_lock_key(job: &str) -> i32 {
+    let hash = job.bytes().fold(0x811c_9dc5_u32, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+    });
+    i32::from_ne_bytes(hash.to_ne_bytes())
+}
+
+/// Take the job's lock on the target (a session-level advisory lock, held by this
+/// session until it ends), waiting at most `wait` for a session that holds it.
+///
+/// The session that applies the stream holds it. A session of an earlier run may still be
+/// at work on the target: its daemon was killed while the target ran a group, or its
+/// attempt failed with a group in flight. The server finishes that group, and may commit
+/// it, after the new run has read `cutover.progress`; the new run would then apply those
+/// source transactions a second time. With the lock, the new run reads the progress only
+/// once the earlier session has ended.
+pub async fn lock_job(client: &Client, job: &str, wait: std::time::Duration) -> Result<()> {
+    let key = job_lock_key(job);
+    let deadline = std::time::Instant::now() + wait;
+    let mut logged = false;
+    loop {
+        let row = client
+            .query_one("SELECT pg_try_advisory_lock($1, $2)", &[&LOCK_CLASS, &key])
+            .await
+            .map_err(|e| err("take the job's lock", e))?;
+        if row.get::<_, bool>(0) {
+            return Ok(());
+        }
+        let holder = client
+            .query_opt(
+                "SELECT l.pid, coalesce(a.application_name, ''), coalesce(a.state, '') \
+                 FROM pg_locks l LEFT JOIN pg_stat_activity a USING (pid) \
+                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
+                   AND l.classid = $1 AND l.objid = $2 AND l.database = \
+                       (SELECT oid FROM pg_database WHERE datname = current_database())",
+                &[
+                    &u32::from_ne_bytes(LOCK_CLASS.to_ne_bytes()),
+                    &u32::from_ne_bytes(key.to_ne_bytes()),
+                ],
+            )
+            .await
+            .map_err(|e| err("look up the holder of the job's lock", e))?;
+        let who = match holder {
+            Some(r) => format!(
+                "pid {}, application_name \"{}\", {}",
+                r.get::<_, i32>(0),
+                r.get::<_, String>(1),
+                r.get::<_, String>(2)
+            ),
+            None => "a session that just ended".to_string(),
+        };
+        if std::time::Instant::now() >= deadline {
+            let mut e = Error::transient(format!(
+                "another session holds job \"{job}\"'s lock on the target ({who})"
+            ));
+            e.detail = Some("an earlier run's session is still finishing a transaction there, or a second daemon runs this job against the same target".into());
+            e.hint = Some("it is retried; if it lasts, find that session in pg_stat_activity on the target and stop the process that owns it".into());
+            return Err(e);
+        }
+        if !logged {
+            tracing::info!(holder = %who, "waiting for an earlier session of this job on the target to end");
+            logged = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// Every table's snapshot state, keyed by the source table's display name.
 pub async fn read_table_states(client: &Client, job: &str) -> Result<HashMap<String, TableState>> {
     let rows = client
@@ -154,3 +226,16 @@ pub async fn mark_table_started(
 /// SQL that marks a table done with `rows` copied, for use inside the copy's transaction.
 pub(crate) const MARK_DONE_SQL: &str = "UPDATE cutover.tables SET rows_copied = rows_copied + $3, \
      done_at = CASE WHEN $4 THEN now() ELSE done_at END WHERE job = $1 AND source_table = $2";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_job_lock_key_never_changes() {
+        // FNV-1a, 32 bits: daemons of every version must take the same lock for a job.
+        assert_eq!(job_lock_key("fence"), 0xbc81_4616_u32 as i32);
+        assert_eq!(job_lock_key(""), 0x811c_9dc5_u32 as i32);
+        assert_ne!(job_lock_key("a"), job_lock_key("b"));
+    }
+}
