@@ -9,6 +9,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::BytesMut;
 use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::Client;
 
@@ -53,6 +54,9 @@ impl CopyChunk {
 
 /// How much a chunk copies between updates of its table's shared counters.
 const PUBLISH_BYTES: u64 = 256 * 1024;
+
+/// The size of the pieces the copied rows are sent to the target in.
+const FEED_BYTES: usize = 64 * 1024;
 
 /// Pages per chunk below which a table is copied whole (about 128 MB).
 const MIN_CHUNK_PAGES: u64 = 16_384;
@@ -179,6 +183,9 @@ pub async fn copy_chunk(
     // CPUs for every row.
     let mut messages = 0u64;
     let (mut rows_unpublished, mut bytes_unpublished) = (0u64, 0u64);
+    // The source sends a message per row; COPY FROM takes the data cut anywhere. Rows are
+    // gathered into large pieces, each sent as one message without another copy.
+    let mut piece = BytesMut::with_capacity(FEED_BYTES + FEED_BYTES / 4);
     while let Some(chunk) = out.next().await {
         let chunk = chunk.map_err(src_err)?;
         messages += 1;
@@ -191,7 +198,14 @@ pub async fn copy_chunk(
                 .fetch_add(bytes_unpublished, Ordering::Relaxed);
             (rows_unpublished, bytes_unpublished) = (0, 0);
         }
-        sink.feed(chunk).await.map_err(tgt_err)?;
+        piece.extend_from_slice(&chunk);
+        if piece.len() >= FEED_BYTES {
+            sink.feed(piece.split().freeze()).await.map_err(tgt_err)?;
+            piece.reserve(FEED_BYTES);
+        }
+    }
+    if !piece.is_empty() {
+        sink.feed(piece.freeze()).await.map_err(tgt_err)?;
     }
     counters
         .bytes
