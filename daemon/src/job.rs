@@ -723,8 +723,8 @@ async fn prepare_target_session(client: &tokio_postgres::Client) -> bool {
     }
 }
 
-/// Events read from the stream at once (when tables are evaluated on the source) before
-/// they are mapped and applied.
+/// Events read from the stream at once (those that have arrived) before they are mapped
+/// and applied.
 const BATCH_EVENTS: usize = 2000;
 
 /// ... and at most about this many bytes of row values.
@@ -1138,20 +1138,19 @@ async fn stream(
         let Some(event) = event else {
             return Err(Error::transient("the source ended the replication stream"));
         };
-        let mut batch = vec![event];
-        if mapper.evaluates() {
-            // Rows of evaluated tables go to the source in round trips of many rows: take
-            // what has already arrived.
-            let mut bytes = event_bytes(&batch[0]);
-            while batch.len() < BATCH_EVENTS && bytes < BATCH_BYTES {
-                match st.stream.next().now_or_never() {
-                    Some(Ok(Some(ev))) => {
-                        bytes += event_bytes(&ev);
-                        batch.push(ev);
-                    }
-                    Some(Err(e)) => return Err(e),
-                    Some(Ok(None)) | None => break,
+        // Take what has already arrived: rows of evaluated tables go to the source in round
+        // trips of many rows, and the rest pass through here once per batch, not per event.
+        let mut batch = Vec::with_capacity(64);
+        let mut bytes = event_bytes(&event);
+        batch.push(event);
+        while batch.len() < BATCH_EVENTS && bytes < BATCH_BYTES {
+            match st.stream.next().now_or_never() {
+                Some(Ok(Some(ev))) => {
+                    bytes += event_bytes(&ev);
+                    batch.push(ev);
                 }
+                Some(Err(e)) => return Err(e),
+                Some(Ok(None)) | None => break,
             }
         }
         let (steps, applied) =

@@ -150,11 +150,6 @@ impl Mapper {
         }
     }
 
-    /// Whether any table's rows need evaluating (the caller batches events then).
-    pub fn evaluates(&self) -> bool {
-        self.plans.values().any(|p| p.evaluated())
-    }
-
     /// Turn a batch of stream events into steps, in the same order.
     pub async fn process(&mut self, events: Vec<StreamEvent>) -> Result<Vec<Step>> {
         let mut steps = Vec::with_capacity(events.len());

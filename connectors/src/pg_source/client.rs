@@ -406,8 +406,7 @@ impl ReplicationStream {
     }
 
     /// Tell the server that everything up to `lsn` is durable on the target. Monotonic;
-    /// sent on the session's next status update (within 250 ms, or at once when the
-    /// server asks).
+    /// the streaming task sends it in a status update at once.
     pub fn confirm(&mut self, lsn: Lsn) {
         self.inner.confirm(lsn);
     }

@@ -14,7 +14,8 @@
 //! The task owns the socket. It reads CopyData into one buffer with cancel-safe reads,
 //! turns each message into a [`RawEvent`] and hands it to the consumer through a bounded
 //! channel. A full channel stops the reads (TCP flow control then holds the server back),
-//! never the standby status updates: one is written every 250 ms, and at once when a
+//! never the standby status updates: one is written every 250 ms, at once when the
+//! consumer confirms a new position, and at once when a
 //! keepalive asks for a reply, however slow the consumer is, so `wal_sender_timeout`
 //! never fires while a long transaction is being applied. The status update reports the
 //! confirmed LSN (shared with the consumer through an atomic) as written, flushed and
@@ -82,6 +83,59 @@ fn event_cost(event: &RawEvent, budget: usize) -> u32 {
     };
     let cost = (payload + std::mem::size_of::<Item>()).min(budget.max(1));
     u32::try_from(cost).unwrap_or(u32::MAX)
+}
+
+/// Events handed to the consumer at once, at most: fewer hand-overs (and wake-ups of the
+/// consumer) than one per message.
+const MAX_BATCH: usize = 256;
+
+/// Events read at once, waiting to be handed over, with what they cost.
+struct Batch {
+    events: Vec<RawEvent>,
+    /// Of [`StreamConfig::buffer_bytes`] (at most all of it).
+    bytes: u32,
+    /// Of [`StreamConfig::capacity`].
+    slots: u32,
+}
+
+/// The room a batch takes in the buffer: given back when dropped.
+struct Room {
+    _bytes: OwnedSemaphorePermit,
+    _slots: OwnedSemaphorePermit,
+}
+
+impl Batch {
+    fn try_room(&self, budget: &Arc<Semaphore>, slots: &Arc<Semaphore>) -> Option<Room> {
+        let bytes = Arc::clone(budget).try_acquire_many_owned(self.bytes).ok()?;
+        let slots = Arc::clone(slots).try_acquire_many_owned(self.slots).ok()?;
+        Some(Room {
+            _bytes: bytes,
+            _slots: slots,
+        })
+    }
+
+    async fn room(
+        &self,
+        budget: Arc<Semaphore>,
+        slots: Arc<Semaphore>,
+    ) -> Result<Room, tokio::sync::AcquireError> {
+        let bytes = budget.acquire_many_owned(self.bytes).await?;
+        let slots = slots.acquire_many_owned(self.slots).await?;
+        Ok(Room {
+            _bytes: bytes,
+            _slots: slots,
+        })
+    }
+}
+
+/// A message read while streaming, for the consumer or not.
+enum Incoming {
+    Event(RawEvent),
+    /// A keepalive, and whether the server asks for a reply.
+    KeepAlive(RawEvent, bool),
+    Nothing,
+    /// The server ended the stream (CopyDone).
+    Done,
 }
 
 /// How long the task waits for the server's side of the CopyBoth close.
@@ -852,6 +906,8 @@ impl Default for StreamConfig {
 struct Shared {
     /// What the consumer confirmed (monotonic).
     confirmed: AtomicU64,
+    /// Signalled when `confirmed` moves: the task tells the server at once.
+    moved: tokio::sync::Notify,
     /// The LSN in the last status update written to the socket.
     sent: AtomicU64,
     /// The highest WAL end the server reported.
@@ -859,8 +915,9 @@ struct Shared {
 }
 
 enum Item {
-    /// An event and its share of the byte budget, returned when the consumer takes it.
-    Event(RawEvent, OwnedSemaphorePermit),
+    /// Events in arrival order (at most [`MAX_BATCH`]), and the room they take in the
+    /// buffer, given back when the consumer has taken the last of them.
+    Events(Vec<RawEvent>, Room),
     /// The server ended the stream (CopyDone).
     End,
     Failed(WireError),
@@ -870,6 +927,9 @@ enum Item {
 /// task and closes the socket.
 pub struct Stream {
     rx: mpsc::Receiver<Item>,
+    /// The rest of the batch being taken, and its bytes.
+    batch: std::vec::IntoIter<RawEvent>,
+    held: Option<Room>,
     shared: Arc<Shared>,
     stop: mpsc::Sender<Duration>,
     task: Option<JoinHandle<()>>,
@@ -890,7 +950,9 @@ impl Stream {
     fn spawn(io: Box<dyn Socket>, rbuf: BytesMut, confirmed: Lsn, config: StreamConfig) -> Self {
         let shared = Arc::new(Shared::default());
         shared.confirmed.store(confirmed.0, Ordering::Release);
-        let (tx, rx) = mpsc::channel(config.capacity.max(1));
+        let capacity = config.capacity.clamp(1, Semaphore::MAX_PERMITS);
+        // Every batch holds at least one event: the slots bound the channel.
+        let (tx, rx) = mpsc::channel(capacity);
         let buffer_bytes = config
             .buffer_bytes
             .clamp(1, u32::MAX as usize)
@@ -905,6 +967,8 @@ impl Stream {
             shared: Arc::clone(&shared),
             tx,
             budget: Arc::new(Semaphore::new(buffer_bytes)),
+            slots: Arc::new(Semaphore::new(capacity)),
+            capacity,
             buffer_bytes,
             stop: stop_rx,
             status_interval: config.status_interval,
@@ -912,6 +976,8 @@ impl Stream {
         let task = tokio::spawn(worker.run());
         Stream {
             rx,
+            batch: Vec::new().into_iter(),
+            held: None,
             shared,
             stop: stop_tx,
             task: Some(task),
@@ -921,24 +987,35 @@ impl Stream {
 
     /// The next event; `None` once the server ended the stream (CopyDone). Cancel-safe.
     pub async fn recv(&mut self) -> Result<Option<RawEvent>, WireError> {
-        if self.ended {
-            return Ok(None);
-        }
-        match self.rx.recv().await {
-            // The event's bytes return to the budget here, as it leaves the buffer.
-            Some(Item::Event(e, _bytes)) => Ok(Some(e)),
-            Some(Item::End) => {
-                self.ended = true;
-                Ok(None)
+        loop {
+            if let Some(event) = self.batch.next() {
+                return Ok(Some(event));
             }
-            Some(Item::Failed(e)) => Err(e),
-            None => Err(WireError::Closed),
+            // The batch's bytes return to the budget here, as it leaves the buffer.
+            self.held = None;
+            if self.ended {
+                return Ok(None);
+            }
+            match self.rx.recv().await {
+                Some(Item::Events(events, bytes)) => {
+                    self.batch = events.into_iter();
+                    self.held = Some(bytes);
+                }
+                Some(Item::End) => {
+                    self.ended = true;
+                    return Ok(None);
+                }
+                Some(Item::Failed(e)) => return Err(e),
+                None => return Err(WireError::Closed),
+            }
         }
     }
 
     /// Raise the confirmed LSN (never lowers it).
     pub fn confirm(&self, lsn: Lsn) {
-        self.shared.confirmed.fetch_max(lsn.0, Ordering::AcqRel);
+        if self.shared.confirmed.fetch_max(lsn.0, Ordering::AcqRel) < lsn.0 {
+            self.shared.moved.notify_one();
+        }
     }
 
     /// The confirmed LSN.
@@ -1002,6 +1079,9 @@ struct Worker {
     tx: mpsc::Sender<Item>,
     /// Bytes of events the consumer has not taken yet may use ([`BUFFER_BYTES`]).
     budget: Arc<Semaphore>,
+    /// Events the consumer has not taken yet, at most [`StreamConfig::capacity`].
+    slots: Arc<Semaphore>,
+    capacity: usize,
     buffer_bytes: usize,
     stop: mpsc::Receiver<Duration>,
     status_interval: Duration,
@@ -1035,24 +1115,24 @@ impl Worker {
     async fn stream(&mut self) -> Result<Ended, WireError> {
         let mut ticker = tokio::time::interval(self.status_interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut pending: Option<RawEvent> = None;
+        let mut pending: Option<Batch> = None;
+        let shared = Arc::clone(&self.shared);
         // A handle of our own: a permit borrows it across the select's handlers.
         let tx = self.tx.clone();
         loop {
-            // Hand over buffered messages while the channel has room; stop at the first
-            // one it has no room for (it waits in `pending`).
+            // Hand over batches of buffered messages while the channel has room; stop at
+            // the first one it has no room for (it waits in `pending`).
             let mut reply = false;
             loop {
-                if let Some(event) = pending.take() {
-                    let cost = event_cost(&event, self.buffer_bytes);
-                    let Ok(bytes) = Arc::clone(&self.budget).try_acquire_many_owned(cost) else {
-                        pending = Some(event);
+                if let Some(batch) = pending.take() {
+                    let Some(room) = batch.try_room(&self.budget, &self.slots) else {
+                        pending = Some(batch);
                         break;
                     };
                     match tx.try_reserve() {
-                        Ok(permit) => permit.send(Item::Event(event, bytes)),
+                        Ok(permit) => permit.send(Item::Events(batch.events, room)),
                         Err(mpsc::error::TrySendError::Full(())) => {
-                            pending = Some(event);
+                            pending = Some(batch);
                             break;
                         }
                         // The consumer is gone.
@@ -1061,60 +1141,57 @@ impl Worker {
                         }
                     }
                 }
-                let Some(msg) = take_message(&mut self.rbuf)? else {
-                    break;
+                let mut events = Vec::new();
+                let mut cost = 0u64;
+                let mut done = false;
+                let most = MAX_BATCH.min(self.capacity);
+                while events.len() < most && cost < self.buffer_bytes as u64 {
+                    let Some(msg) = take_message(&mut self.rbuf)? else {
+                        break;
+                    };
+                    let event = match self.replication_event(msg)? {
+                        Incoming::Event(event) => event,
+                        Incoming::KeepAlive(event, reply_requested) => {
+                            reply |= reply_requested;
+                            event
+                        }
+                        Incoming::Nothing => continue,
+                        Incoming::Done => {
+                            done = true;
+                            break;
+                        }
+                    };
+                    cost += u64::from(event_cost(&event, self.buffer_bytes));
+                    events.push(event);
+                }
+                // A batch costs at most the whole budget, so it can always pass alone.
+                let batch = Batch {
+                    bytes: u32::try_from(cost.min(self.buffer_bytes as u64)).unwrap_or(u32::MAX),
+                    slots: u32::try_from(events.len()).unwrap_or(u32::MAX),
+                    events,
                 };
-                match msg {
-                    Backend::Message(Message::CopyData(body)) => {
-                        match parse_copy_data(body.into_bytes())? {
-                            ReplicationMessage::XLogData {
-                                wal_start,
-                                wal_end,
-                                data,
-                                ..
-                            } => {
-                                self.saw_wal_end(wal_end);
-                                pending = Some(RawEvent::XLogData {
-                                    wal_start,
-                                    wal_end,
-                                    data,
-                                });
+                if done {
+                    // What came before the end is handed over first.
+                    if !batch.events.is_empty() {
+                        let (budget, slots) = (Arc::clone(&self.budget), Arc::clone(&self.slots));
+                        let hand_over = async {
+                            if let Ok(room) = batch.room(budget, slots).await {
+                                let _ = tx.send(Item::Events(batch.events, room)).await;
                             }
-                            ReplicationMessage::Keepalive {
-                                wal_end,
-                                reply_requested,
-                                ..
-                            } => {
-                                self.saw_wal_end(wal_end);
-                                reply |= reply_requested;
-                                pending = Some(RawEvent::KeepAlive { wal_end });
+                        };
+                        tokio::select! {
+                            _ = hand_over => {}
+                            grace = self.stop.recv() => {
+                                return Ok(Ended::Stop(grace.unwrap_or(Duration::ZERO)));
                             }
                         }
                     }
-                    Backend::Message(Message::CopyDone) => return Ok(Ended::ServerDone),
-                    Backend::Message(Message::ErrorResponse(body)) => {
-                        return Err(WireError::Server(ServerError::from_fields(body.fields())));
-                    }
-                    Backend::Message(Message::NoticeResponse(body)) => log_notice(body.fields()),
-                    Backend::Message(Message::ParameterStatus(_)) => {}
-                    Backend::Message(m) => {
-                        return Err(WireError::Protocol(format!(
-                            "unexpected message of type {} in the replication stream",
-                            message_tag(&m)
-                        )));
-                    }
-                    Backend::CopyBoth => {
-                        return Err(WireError::Protocol(
-                            "unexpected CopyBothResponse in the replication stream".into(),
-                        ));
-                    }
-                    Backend::Other(tag) => {
-                        return Err(WireError::Protocol(format!(
-                            "unexpected message of type {} in the replication stream",
-                            tag_name(tag)
-                        )));
-                    }
+                    return Ok(Ended::ServerDone);
                 }
+                if batch.events.is_empty() {
+                    break;
+                }
+                pending = Some(batch);
             }
             if reply {
                 self.send_status().await?;
@@ -1122,15 +1199,14 @@ impl Worker {
             if pending.is_none() {
                 reserve_for_read(&mut self.rbuf);
             }
-            let cost = pending
-                .as_ref()
-                .map_or(0, |e| event_cost(e, self.buffer_bytes));
-            let budget = Arc::clone(&self.budget);
-            // Room for the waiting event: its bytes, then a place in the channel (both
-            // waits give back what they hold when the select drops them).
+            let (budget, slots) = (Arc::clone(&self.budget), Arc::clone(&self.slots));
+            // Room for the waiting batch: its bytes and events, then a place in the channel
+            // (the waits give back what they hold when the select drops them).
             let room = async {
-                let bytes = budget.acquire_many_owned(cost).await;
-                (bytes, tx.reserve().await)
+                match &pending {
+                    Some(batch) => (batch.room(budget, slots).await, tx.reserve().await),
+                    None => std::future::pending().await,
+                }
             };
             tokio::select! {
                 biased;
@@ -1138,9 +1214,16 @@ impl Worker {
                     return Ok(Ended::Stop(grace.unwrap_or(Duration::ZERO)));
                 }
                 _ = ticker.tick() => self.send_status().await?,
+                // As PostgreSQL's own apply worker does: the source learns at once what it
+                // may release, and a caught-up job shows so on the slot without a delay.
+                _ = shared.moved.notified() => {
+                    if shared.confirmed.load(Ordering::Acquire) > shared.sent.load(Ordering::Acquire) {
+                        self.send_status().await?;
+                    }
+                }
                 room = room, if pending.is_some() => match (room, pending.take()) {
-                    ((Ok(bytes), Ok(permit)), Some(event)) => {
-                        permit.send(Item::Event(event, bytes));
+                    ((Ok(room), Ok(permit)), Some(batch)) => {
+                        permit.send(Item::Events(batch.events, room));
                     }
                     // The consumer is gone (the budget is never closed).
                     ((_, Err(_)) | (Err(_), _), _) => return Ok(Ended::Stop(Duration::ZERO)),
@@ -1152,6 +1235,60 @@ impl Worker {
                     }
                 }
             }
+        }
+    }
+
+    /// What a message read while streaming means.
+    fn replication_event(&self, msg: Backend) -> Result<Incoming, WireError> {
+        match msg {
+            Backend::Message(Message::CopyData(body)) => {
+                match parse_copy_data(body.into_bytes())? {
+                    ReplicationMessage::XLogData {
+                        wal_start,
+                        wal_end,
+                        data,
+                        ..
+                    } => {
+                        self.saw_wal_end(wal_end);
+                        Ok(Incoming::Event(RawEvent::XLogData {
+                            wal_start,
+                            wal_end,
+                            data,
+                        }))
+                    }
+                    ReplicationMessage::Keepalive {
+                        wal_end,
+                        reply_requested,
+                        ..
+                    } => {
+                        self.saw_wal_end(wal_end);
+                        Ok(Incoming::KeepAlive(
+                            RawEvent::KeepAlive { wal_end },
+                            reply_requested,
+                        ))
+                    }
+                }
+            }
+            Backend::Message(Message::CopyDone) => Ok(Incoming::Done),
+            Backend::Message(Message::ErrorResponse(body)) => {
+                Err(WireError::Server(ServerError::from_fields(body.fields())))
+            }
+            Backend::Message(Message::NoticeResponse(body)) => {
+                log_notice(body.fields());
+                Ok(Incoming::Nothing)
+            }
+            Backend::Message(Message::ParameterStatus(_)) => Ok(Incoming::Nothing),
+            Backend::Message(m) => Err(WireError::Protocol(format!(
+                "unexpected message of type {} in the replication stream",
+                message_tag(&m)
+            ))),
+            Backend::CopyBoth => Err(WireError::Protocol(
+                "unexpected CopyBothResponse in the replication stream".into(),
+            )),
+            Backend::Other(tag) => Err(WireError::Protocol(format!(
+                "unexpected message of type {} in the replication stream",
+                tag_name(tag)
+            ))),
         }
     }
 
@@ -1834,6 +1971,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_new_confirmation_is_sent_at_once() {
+        let config = StreamConfig {
+            capacity: 16,
+            buffer_bytes: BUFFER_BYTES,
+            status_interval: Duration::from_secs(3600),
+        };
+        let (stream, mut server) = started(config, b"").await;
+        // The first tick comes at once; the next one only in an hour.
+        let (tag, body) = read_frontend(&mut server).await;
+        assert_eq!(status_lsn(tag, &body), Some(0x100));
+        for lsn in [0x300, 0x480] {
+            stream.confirm(Lsn(lsn));
+            let (tag, body) =
+                tokio::time::timeout(Duration::from_secs(2), read_frontend(&mut server))
+                    .await
+                    .expect("the confirmation waited for the status interval");
+            assert_eq!(status_lsn(tag, &body), Some(lsn));
+        }
+        // Confirming what was already sent sends nothing more.
+        stream.confirm(Lsn(0x480));
+        stream.confirm(Lsn(0x400));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), read_frontend(&mut server))
+                .await
+                .is_err()
+        );
+    }
+
+    #[tokio::test]
     async fn errors_mid_stream_eof_and_garbage_fail_the_stream() {
         let (mut stream, mut server) = started(StreamConfig::default(), b"").await;
         server
@@ -1916,7 +2082,9 @@ mod tests {
         let started = std::time::Instant::now();
         stream.shutdown(Duration::from_secs(5)).await;
         assert!(started.elapsed() < Duration::from_secs(2));
-        let seen = script.await.unwrap();
+        let mut seen = script.await.unwrap();
+        // The confirmation may also have gone out on its own just before.
+        seen.dedup();
         assert_eq!(seen, vec![(b'd', Some(0x500)), (b'c', None), (b'X', None)]);
     }
 
