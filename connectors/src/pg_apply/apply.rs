@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 use super::arrays::ColumnArrays;
+use super::net::{FastMap, FastSet};
 use super::net::{NotFoldable, TableQueue, key_bytes};
 use super::plan::TablePlan;
 use super::state::Progress;
@@ -66,9 +67,17 @@ pub struct ApplyStats {
 struct RelationMap {
     name: TableName,
     plan: Option<Arc<TablePlan>>,
-    /// For each plan column, the index of its source column in the relation's tuples.
-    source_index: Vec<usize>,
+    /// For each plan column, the index of its source column in the relation's tuples
+    /// (shared with each change applied, without a copy).
+    source_index: Arc<[usize]>,
+    /// Changes apply only from transactions that commit at or after this LSN (the table's
+    /// snapshot).
+    from: Lsn,
 }
+
+/// Where a change applies: the table's plan, and for each plan column the index of its
+/// source column in the change's tuples.
+type ChangeTarget = (Arc<TablePlan>, Arc<[usize]>);
 
 /// The statement being extended with more rows.
 #[derive(PartialEq, Eq)]
@@ -105,7 +114,7 @@ pub struct Applier {
     job: String,
     /// Changes to a table apply only from transactions that commit at or after this LSN.
     snapshot_lsn: HashMap<TableName, Lsn>,
-    relations: HashMap<u32, RelationMap>,
+    relations: FastMap<u32, RelationMap>,
     limits: GroupLimits,
     sql: String,
     open: Option<OpenStatement>,
@@ -128,7 +137,7 @@ pub struct Applier {
     /// Statements prepared on this session (`PREPARE cutover_N`): updates, keyless deletes
     /// and single-row inserts run as `EXECUTE` of a generic plan instead of being parsed
     /// and planned each time.
-    prepared: HashMap<StatementKey, String>,
+    prepared: FastMap<StatementKey, String>,
     /// Statements prepared so far (names are never reused, even when a shape change
     /// retires statements).
     prepared_count: usize,
@@ -136,7 +145,7 @@ pub struct Applier {
     /// the target session (see [`super::net`]).
     net_changes: bool,
     /// Net changes per source relation OID, for tables that qualify.
-    queues: HashMap<u32, (Arc<TablePlan>, TableQueue)>,
+    queues: FastMap<u32, (Arc<TablePlan>, TableQueue)>,
     queued_bytes: usize,
     /// Tables whose apply is paused, and the commit LSN of the first source transaction
     /// with a change of theirs not applied (once there is one).
@@ -149,7 +158,7 @@ pub struct Applier {
     horizon: Lsn,
     /// Keys changed in the open group (bounded like the rest), and in committed groups not
     /// yet handed over.
-    group_touched: HashMap<TableName, TouchedKeys>,
+    group_touched: FastMap<TableName, TouchedKeys>,
     touched: Touched,
 }
 
@@ -165,7 +174,7 @@ pub struct Touched {
 /// The changed keys of one table, in target key column order (text form).
 #[derive(Debug, Default, Clone)]
 pub struct TouchedKeys {
-    pub keys: std::collections::HashSet<Vec<String>>,
+    pub keys: FastSet<Vec<String>>,
     /// More keys changed than are kept, or rows changed that keys cannot name (a keyless
     /// table, a TRUNCATE): only a full pass verifies the table again.
     pub overflow: bool,
@@ -226,7 +235,7 @@ impl Applier {
             client,
             job: job.to_string(),
             snapshot_lsn,
-            relations: HashMap::new(),
+            relations: FastMap::default(),
             limits,
             sql: String::with_capacity(MAX_SQL_BYTES + 64 * 1024),
             open: None,
@@ -241,10 +250,10 @@ impl Applier {
             committed,
             stats: ApplyStats::default(),
             warned_unmapped: Default::default(),
-            prepared: HashMap::new(),
+            prepared: FastMap::default(),
             prepared_count: 0,
             net_changes,
-            queues: HashMap::new(),
+            queues: FastMap::default(),
             queued_bytes: 0,
             paused: paused
                 .into_iter()
@@ -261,7 +270,7 @@ impl Applier {
                 .collect(),
             resuming,
             horizon: committed.commit_lsn,
-            group_touched: HashMap::new(),
+            group_touched: FastMap::default(),
             touched: Touched::default(),
         }
     }
@@ -300,7 +309,8 @@ impl Applier {
                 RelationMap {
                     name: table.clone(),
                     plan: None,
-                    source_index: Vec::new(),
+                    source_index: Arc::from([]),
+                    from: Lsn::ZERO,
                 },
             );
         }
@@ -477,7 +487,8 @@ impl Applier {
                     RelationMap {
                         name: table,
                         plan: None,
-                        source_index: Vec::new(),
+                        source_index: Arc::from([]),
+                        from: Lsn::ZERO,
                     },
                 );
                 return Ok(false);
@@ -508,12 +519,18 @@ impl Applier {
                 );
             }
         }
+        let from = plan
+            .as_ref()
+            .and_then(|p| self.snapshot_lsn.get(p.source_name()))
+            .copied()
+            .unwrap_or(Lsn::ZERO);
         self.relations.insert(
             rel.oid,
             RelationMap {
                 name: table,
                 plan,
-                source_index,
+                source_index: source_index.into(),
+                from,
             },
         );
         Ok(true)
@@ -546,7 +563,7 @@ impl Applier {
     }
 
     /// The relation map for a change, when the change must be applied.
-    fn target_for(&mut self, oid: u32) -> Result<Option<(Arc<TablePlan>, Vec<usize>)>> {
+    fn target_for(&mut self, oid: u32) -> Result<Option<ChangeTarget>> {
         let Some((commit_lsn, skip)) = self.txn else {
             return Err(Error::transient(
                 "replication stream sent a change outside a transaction",
@@ -557,33 +574,25 @@ impl Applier {
                 "replication stream sent a change for relation {oid} before its Relation message"
             )));
         };
-        let name = rel.name.clone();
-        if self.paused.contains_key(&name) {
+        if !self.paused.is_empty() && self.paused.contains_key(&rel.name) {
+            let name = rel.name.clone();
             self.note_paused_change(&name, commit_lsn);
             return Ok(None);
         }
-        if skip && self.resuming.get(&name).is_none_or(|r| *r > commit_lsn) {
+        if skip && self.resuming.get(&rel.name).is_none_or(|r| *r > commit_lsn) {
             return Ok(None);
         }
-        let Some(rel) = self.relations.get(&oid) else {
-            return Ok(None);
-        };
         let Some(plan) = rel.plan.clone() else {
             if self.warned_unmapped.insert(oid) {
                 tracing::warn!(table = %rel.name, "ignoring changes to a published table the job does not map");
             }
             return Ok(None);
         };
-        let from = self
-            .snapshot_lsn
-            .get(plan.source_name())
-            .copied()
-            .unwrap_or(Lsn::ZERO);
-        if commit_lsn < from {
+        if commit_lsn < rel.from {
             // The table's copy was taken after this transaction committed: it is in there.
             return Ok(None);
         }
-        Ok(Some((plan, rel.source_index.clone())))
+        Ok(Some((plan, Arc::clone(&rel.source_index))))
     }
 
     fn ensure_group(&mut self) {
@@ -1287,7 +1296,7 @@ impl Applier {
             .join(",");
         let mut deletes = Vec::new();
         let mut inserts = Vec::new();
-        let mut updates: HashMap<Vec<bool>, Vec<Vec<ColumnValue>>> = HashMap::new();
+        let mut updates: FastMap<Vec<bool>, Vec<Vec<ColumnValue>>> = FastMap::default();
         for (_, (key_values, op)) in rows {
             match op {
                 super::net::NetOp::Delete => deletes.push(key_values),

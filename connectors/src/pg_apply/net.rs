@@ -15,9 +15,14 @@
 //! replica`). The applier uses net changes only under those conditions, and the plain
 //! ordered path otherwise.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::pg_source::decode::ColumnValue;
+
+/// Maps and sets touched for every change: a fast hash (keyed per process, so row values
+/// cannot be chosen to collide) instead of SipHash, which cost about 6% of the apply's CPU.
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+pub type FastSet<T> = HashSet<T, foldhash::fast::RandomState>;
 
 /// The net effect of the changes to one key.
 #[derive(Debug, Clone, PartialEq)]
@@ -40,7 +45,7 @@ pub struct NotFoldable;
 /// The net changes of one table, keyed by the key values' text.
 #[derive(Debug, Default)]
 pub struct TableQueue {
-    pub rows: HashMap<Vec<u8>, (Vec<ColumnValue>, NetOp)>,
+    pub rows: FastMap<Vec<u8>, (Vec<ColumnValue>, NetOp)>,
     pub bytes: usize,
 }
 

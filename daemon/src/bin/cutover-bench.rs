@@ -3536,7 +3536,7 @@ fn render(samples: &[Sample], env: &EnvInfo, args: &Args, elapsed: Duration) -> 
                 };
                 let _ = writeln!(
                     md,
-                    "  - {tool} timed to its own status `applied_lsn` reaching the end (its slot confirmations reach the server on a 250 ms status interval, which rounds the slot-based time up): {} txns/s = {} best peer, {} floor",
+                    "  - {tool} timed to its own status `applied_lsn` reaching the end: {} txns/s = {} best peer, {} floor",
                     fmt_rate(rate),
                     vs(best.map(|b| b.0)),
                     vs(floor)
