@@ -802,13 +802,6 @@ impl Streaming<'_> {
         publish_applied(self.ctx, &self.applier, self.base, applied);
     }
 
-    /// Confirm what became durable on the target since the last confirmation.
-    fn confirm_durable(&mut self) {
-        if let Some(p) = self.applier.take_durable() {
-            self.confirm(p.end_lsn);
-        }
-    }
-
     /// A verifier asks for a pause: taken at once between transactions, else at the next
     /// boundary.
     async fn pause_requested(&mut self, req: PauseRequest) -> Result<()> {
@@ -1105,19 +1098,18 @@ async fn stream(
         if stop_deadline.is_some_and(|d| tokio::time::Instant::now() > d) {
             // A source transaction is still arriving; what the target holds is
             // consistent and confirmed, the rest will be streamed again.
-            st.applier.settle().await?;
-            st.confirm_durable();
             tracing::warn!(
                 "stopping in the middle of a source transaction; it will be applied on the next run"
             );
             return Ok(Ended::Stopped);
         }
-        let wait =
-            if !ready.is_empty() || (st.applier.has_open_group() && !st.applier.in_transaction()) {
-                idle
-            } else {
-                Duration::from_secs(1)
-            };
+        let wait = if !ready.is_empty()
+            || (st.applier.has_uncommitted() && !st.applier.in_transaction())
+        {
+            idle
+        } else {
+            Duration::from_secs(1)
+        };
         let event = tokio::select! {
             biased;
             _ = shutdown.wait_for(|s| *s), if !stopping => {
@@ -1129,20 +1121,15 @@ async fn stream(
                 incoming = Some(req);
                 continue;
             }
-            settled = st.applier.settle(), if st.applier.in_flight() => {
-                settled?;
-                st.confirm_durable();
-                continue;
-            }
             ev = tokio::time::timeout(wait, st.stream.next()) => ev,
         };
         let event = match event {
             Err(_elapsed) => {
-                // The stream is idle: send what is grouped (answered in the branch above).
                 st.steps(std::mem::take(&mut ready)).await?;
-                if !st.applier.in_transaction() {
-                    st.applier.dispatch().await?;
-                    st.confirm_durable();
+                if !st.applier.in_transaction()
+                    && let Some(p) = st.applier.flush().await?
+                {
+                    st.confirm(p.end_lsn);
                 }
                 continue;
             }

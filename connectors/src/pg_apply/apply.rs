@@ -108,23 +108,9 @@ struct StatementKey {
     shape: Vec<u8>,
 }
 
-/// A group sent to the target with its `COMMIT`, not answered yet (see
-/// [`Applier::commit`]).
-struct InFlight {
-    /// Runs the batch; gives the SQL buffer back for reuse.
-    task: tokio::task::JoinHandle<(String, std::result::Result<(), tokio_postgres::Error>)>,
-    /// What the target holds once it has committed.
-    progress: Progress,
-    touched: FastMap<TableName, TouchedKeys>,
-    txns: usize,
-    rows: u64,
-    sent: Instant,
-}
-
 /// Applies decoded changes to the target.
 pub struct Applier {
-    /// Shared with the task of the group in flight.
-    client: Arc<Client>,
+    client: Client,
     job: String,
     /// Changes to a table apply only from transactions that commit at or after this LSN.
     snapshot_lsn: HashMap<TableName, Lsn>,
@@ -145,17 +131,7 @@ pub struct Applier {
     txn: Option<(Lsn, bool)>,
     /// The last source transaction added to the open group.
     last_in_group: Option<Progress>,
-    /// What the target durably holds.
     committed: Progress,
-    /// What the target holds once the group in flight commits (`committed` otherwise).
-    dispatched: Progress,
-    /// The group sent with its `COMMIT` and not answered yet: at most one. The next group
-    /// is built meanwhile, and sent only once this one has committed.
-    in_flight: Option<InFlight>,
-    /// A second SQL buffer: the in-flight group holds one of the two.
-    spare_sql: String,
-    /// Progress that became durable since it was last taken ([`Applier::take_durable`]).
-    durable: Option<Progress>,
     stats: ApplyStats,
     warned_unmapped: std::collections::HashSet<u32>,
     /// Statements prepared on this session (`PREPARE cutover_N`): updates, keyless deletes
@@ -256,7 +232,7 @@ impl Applier {
             paused,
         } = tables;
         Self {
-            client: Arc::new(client),
+            client,
             job: job.to_string(),
             snapshot_lsn,
             relations: FastMap::default(),
@@ -272,10 +248,6 @@ impl Applier {
             txn: None,
             last_in_group: None,
             committed,
-            dispatched: committed,
-            in_flight: None,
-            spare_sql: String::with_capacity(MAX_SQL_BYTES + 64 * 1024),
-            durable: None,
             stats: ApplyStats::default(),
             warned_unmapped: Default::default(),
             prepared: FastMap::default(),
@@ -443,10 +415,10 @@ impl Applier {
     pub fn last_seen_commit(&self) -> Lsn {
         let grouped = self
             .last_in_group
-            .map_or(self.dispatched.commit_lsn, |l| l.commit_lsn);
+            .map_or(self.committed.commit_lsn, |l| l.commit_lsn);
         match self.txn {
             Some((lsn, _)) => lsn.max(grouped),
-            None => grouped.max(self.dispatched.commit_lsn),
+            None => grouped.max(self.committed.commit_lsn),
         }
     }
 
@@ -455,14 +427,8 @@ impl Applier {
         self.txn.is_some()
     }
 
-    /// Whether applied source transactions are not durable on the target yet: in an open
-    /// target transaction, or in one in flight.
+    /// Whether applied source transactions wait in an open target transaction.
     pub fn has_uncommitted(&self) -> bool {
-        self.in_group || self.in_flight.is_some()
-    }
-
-    /// Whether a target transaction is open (it holds source transactions or is about to).
-    pub fn has_open_group(&self) -> bool {
         self.in_group
     }
 
@@ -571,7 +537,7 @@ impl Applier {
     }
 
     pub fn begin(&mut self, begin: &Begin) -> Result<()> {
-        let skip = begin.final_lsn <= self.dispatched.commit_lsn
+        let skip = begin.final_lsn <= self.committed.commit_lsn
             || self
                 .last_in_group
                 .is_some_and(|l| begin.final_lsn <= l.commit_lsn);
@@ -736,20 +702,29 @@ impl Applier {
         Ok(())
     }
 
-    /// Send the buffered SQL and wait for it, after the group in flight (if any) has
-    /// committed.
     async fn send(&mut self) -> Result<()> {
         if self.sql.is_empty() {
             return Ok(());
         }
-        self.settle().await?;
         let result = self.client.batch_execute(&self.sql).await;
         self.sql.clear();
+        result.map_err(|e| self.apply_error(e))
+    }
+
+    fn apply_error(&self, e: tokio_postgres::Error) -> Error {
         let upto = self
             .txn
             .map(|t| t.0)
             .or(self.last_in_group.map(|l| l.commit_lsn));
-        result.map_err(|e| apply_error(upto, e))
+        let what = match upto {
+            Some(lsn) => format!("apply source transactions up to commit LSN {lsn}"),
+            None => "apply source transactions".to_string(),
+        };
+        let mut err = Error::from_pg(&what, "the target", &e);
+        if !err.is_transient() && err.hint.is_none() {
+            err.hint = Some("the target differs from the source (a row changed or added behind the job's back?); fix the target row, then run the job again: it resumes at the same transaction".into());
+        }
+        err
     }
 
     fn push_value(
@@ -1211,9 +1186,8 @@ impl Applier {
         self.maybe_flush().await
     }
 
-    /// The end of a source transaction. A full group is sent with its `COMMIT` and not
-    /// waited for: the next one is built while the target runs it. Returns progress that
-    /// became durable meanwhile (an earlier group's), if any.
+    /// The end of a source transaction. Returns the progress now durable on the target
+    /// when this commit ended a target transaction.
     pub async fn commit(&mut self, commit: &Commit) -> Result<Option<Progress>> {
         let applies = self.txn_applies();
         if self.txn.take().is_none() {
@@ -1236,9 +1210,10 @@ impl Applier {
         self.group_txns += 1;
         self.last_in_group = Some(progress);
         if self.group_full() {
-            self.dispatch().await?;
+            self.flush().await
+        } else {
+            Ok(None)
         }
-        Ok(self.take_durable())
     }
 
     /// Whether `plan`'s changes may be folded into net changes (see [`super::net`]).
@@ -1485,27 +1460,16 @@ impl Applier {
         Ok(())
     }
 
-    /// Commit the open target transaction, if any, with the progress row, and wait until
-    /// the target holds everything sent. Returns progress that became durable since it
-    /// was last taken.
+    /// Commit the open target transaction, if any, with the progress row. Returns the
+    /// progress now durable.
     pub async fn flush(&mut self) -> Result<Option<Progress>> {
-        self.dispatch().await?;
-        self.settle().await?;
-        Ok(self.take_durable())
-    }
-
-    /// Send the open target transaction, if it holds whole source transactions, with the
-    /// progress row and `COMMIT`, without waiting for it (after the group in flight, if
-    /// any, has committed).
-    pub async fn dispatch(&mut self) -> Result<()> {
         if !self.in_group || self.txn.is_some() {
-            return Ok(());
+            return Ok(None);
         }
         let Some(last) = self.last_in_group else {
             // BEGIN buffered but no source transaction finished: nothing to commit yet.
-            return Ok(());
+            return Ok(None);
         };
-        self.settle().await?;
         self.flush_queues().await?;
         self.close_statement();
         let job = quote_literal(&self.job);
@@ -1546,10 +1510,10 @@ impl Applier {
             );
         }
         // A replayed group (a resumed table catching up) never moves the progress back.
-        let durable = if last.commit_lsn >= self.dispatched.commit_lsn {
+        let durable = if last.commit_lsn >= self.committed.commit_lsn {
             last
         } else {
-            self.dispatched
+            self.committed
         };
         let _ = write!(
             self.sql,
@@ -1557,22 +1521,12 @@ impl Applier {
              ON CONFLICT (job) DO UPDATE SET commit_lsn = EXCLUDED.commit_lsn, end_lsn = EXCLUDED.end_lsn, updated_at = now(); COMMIT;",
             durable.commit_lsn, durable.end_lsn
         );
-        let sql = std::mem::replace(&mut self.sql, std::mem::take(&mut self.spare_sql));
-        let client = Arc::clone(&self.client);
-        let task = tokio::spawn(async move {
-            let result = client.batch_execute(&sql).await;
-            (sql, result)
-        });
-        self.in_flight = Some(InFlight {
-            task,
-            progress: durable,
-            touched: std::mem::take(&mut self.group_touched),
-            txns: self.group_txns,
-            rows: self.group_rows,
-            sent: Instant::now(),
-        });
-        self.dispatched = durable;
+        let started = Instant::now();
+        self.send().await?;
+        metrics::histogram!("cutover_apply_batch_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
         self.in_group = false;
+        self.committed = durable;
         self.last_in_group = None;
         for p in self.paused.values_mut() {
             p.dirty = false;
@@ -1580,36 +1534,10 @@ impl Applier {
         for table in caught_up {
             self.resuming.remove(&table);
         }
-        Ok(())
-    }
-
-    /// Wait for the group in flight, if any, to commit. Its progress becomes durable
-    /// ([`Applier::take_durable`]) and its changed keys wait to be verified again.
-    /// Cancel-safe: dropped while waiting, the group stays in flight.
-    pub async fn settle(&mut self) -> Result<()> {
-        let Some(flight) = self.in_flight.as_mut() else {
-            return Ok(());
-        };
-        let joined = (&mut flight.task).await;
-        let Some(flight) = self.in_flight.take() else {
-            return Ok(());
-        };
-        let (mut sql, result) = joined.map_err(|e| {
-            Error::transient(format!(
-                "the target transaction's task ended abnormally: {e}"
-            ))
-        })?;
-        result.map_err(|e| apply_error(Some(flight.progress.commit_lsn), e))?;
-        sql.clear();
-        self.spare_sql = sql;
-        metrics::histogram!("cutover_apply_batch_duration_seconds")
-            .record(flight.sent.elapsed().as_secs_f64());
-        self.committed = flight.progress;
-        self.durable = Some(flight.progress);
         // The group's changed keys are durable now: they wait to be verified again.
-        if !flight.touched.is_empty() {
+        if !self.group_touched.is_empty() {
             self.touched.since.get_or_insert_with(Instant::now);
-            for (table, group) in flight.touched {
+            for (table, group) in self.group_touched.drain() {
                 let t = self.touched.tables.entry(table).or_default();
                 if group.overflow
                     || t.overflow
@@ -1622,33 +1550,10 @@ impl Applier {
                 }
             }
         }
-        self.stats.transactions += flight.txns as u64;
-        self.stats.rows += flight.rows;
-        metrics::counter!("cutover_applied_transactions_total").increment(flight.txns as u64);
-        metrics::counter!("cutover_applied_rows_total").increment(flight.rows);
-        Ok(())
+        self.stats.transactions += self.group_txns as u64;
+        self.stats.rows += self.group_rows;
+        metrics::counter!("cutover_applied_transactions_total").increment(self.group_txns as u64);
+        metrics::counter!("cutover_applied_rows_total").increment(self.group_rows);
+        Ok(Some(last))
     }
-
-    /// Whether a group was sent with its `COMMIT` and is not answered yet.
-    pub fn in_flight(&self) -> bool {
-        self.in_flight.is_some()
-    }
-
-    /// Progress that became durable since this was last called.
-    pub fn take_durable(&mut self) -> Option<Progress> {
-        self.durable.take()
-    }
-}
-
-/// An apply error, naming the source transactions it concerns.
-fn apply_error(upto: Option<Lsn>, e: tokio_postgres::Error) -> Error {
-    let what = match upto {
-        Some(lsn) => format!("apply source transactions up to commit LSN {lsn}"),
-        None => "apply source transactions".to_string(),
-    };
-    let mut err = Error::from_pg(&what, "the target", &e);
-    if !err.is_transient() && err.hint.is_none() {
-        err.hint = Some("the target differs from the source (a row changed or added behind the job's back?); fix the target row, then run the job again: it resumes at the same transaction".into());
-    }
-    err
 }
