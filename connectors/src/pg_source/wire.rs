@@ -1808,6 +1808,20 @@ mod tests {
         (stream, server_side.await.unwrap())
     }
 
+    /// A started stream whose status ticks are an hour apart, after its first one (which
+    /// comes at once, with the start position): any later status update has another cause.
+    async fn started_quiet() -> (Stream, DuplexStream) {
+        let config = StreamConfig {
+            capacity: 16,
+            buffer_bytes: BUFFER_BYTES,
+            status_interval: Duration::from_secs(3600),
+        };
+        let (stream, mut server) = started(config, b"").await;
+        let (tag, body) = read_frontend(&mut server).await;
+        assert_eq!(status_lsn(tag, &body), Some(0x100));
+        (stream, server)
+    }
+
     /// The LSN in a frontend CopyData status update.
     fn status_lsn(tag: u8, body: &[u8]) -> Option<u64> {
         if tag != b'd' || body.first() != Some(&b'r') || body.len() != 34 {
@@ -1843,8 +1857,11 @@ mod tests {
             })
         ));
         assert_eq!(stream.wal_end(), Lsn(12));
-        // CopyDone from the server: we answer CopyDone, then Terminate.
-        server.write_all(&frame(b'c', b"")).await.unwrap();
+        // CopyDone from the server, read together with the data before it: the data
+        // comes first; we answer CopyDone, then Terminate.
+        let mut last = xlog(13, 14, b"d");
+        last.extend(frame(b'c', b""));
+        server.write_all(&last).await.unwrap();
         let closer = tokio::spawn(async move {
             loop {
                 let (tag, _) = read_frontend(&mut server).await;
@@ -1858,6 +1875,13 @@ mod tests {
                 }
             }
         });
+        assert!(matches!(
+            stream.recv().await.unwrap(),
+            Some(RawEvent::XLogData {
+                wal_start: Lsn(13),
+                ..
+            })
+        ));
         assert_eq!(stream.recv().await.unwrap(), None);
         assert_eq!(stream.recv().await.unwrap(), None);
         tokio::time::timeout(Duration::from_secs(5), closer)
@@ -1952,35 +1976,19 @@ mod tests {
 
     #[tokio::test]
     async fn a_keepalive_asking_for_a_reply_is_answered_at_once() {
-        let config = StreamConfig {
-            capacity: 16,
-            buffer_bytes: BUFFER_BYTES,
-            status_interval: Duration::from_secs(3600),
-        };
-        let (stream, mut server) = started(config, b"").await;
-        // The first tick comes at once.
-        let (tag, body) = read_frontend(&mut server).await;
-        assert_eq!(status_lsn(tag, &body), Some(0x100));
-        stream.confirm(Lsn(0x300));
+        let (stream, mut server) = started_quiet().await;
+        // Nothing new confirmed: only the keepalive can make the task write.
         server.write_all(&keepalive(0x400, true)).await.unwrap();
         let (tag, body) = tokio::time::timeout(Duration::from_secs(2), read_frontend(&mut server))
             .await
             .unwrap();
-        assert_eq!(status_lsn(tag, &body), Some(0x300));
+        assert_eq!(status_lsn(tag, &body), Some(0x100));
         assert_eq!(stream.wal_end(), Lsn(0x400));
     }
 
     #[tokio::test]
     async fn a_new_confirmation_is_sent_at_once() {
-        let config = StreamConfig {
-            capacity: 16,
-            buffer_bytes: BUFFER_BYTES,
-            status_interval: Duration::from_secs(3600),
-        };
-        let (stream, mut server) = started(config, b"").await;
-        // The first tick comes at once; the next one only in an hour.
-        let (tag, body) = read_frontend(&mut server).await;
-        assert_eq!(status_lsn(tag, &body), Some(0x100));
+        let (stream, mut server) = started_quiet().await;
         for lsn in [0x300, 0x480] {
             stream.confirm(Lsn(lsn));
             let (tag, body) =
@@ -2052,14 +2060,7 @@ mod tests {
 
     #[tokio::test]
     async fn shutdown_sends_the_confirmation_copy_done_and_terminate() {
-        let config = StreamConfig {
-            capacity: 16,
-            buffer_bytes: BUFFER_BYTES,
-            status_interval: Duration::from_secs(3600),
-        };
-        let (stream, mut server) = started(config, b"").await;
-        let (tag, body) = read_frontend(&mut server).await;
-        assert_eq!(status_lsn(tag, &body), Some(0x100));
+        let (stream, mut server) = started_quiet().await;
         stream.confirm(Lsn(0x500));
         let script = tokio::spawn(async move {
             let mut seen = Vec::new();
