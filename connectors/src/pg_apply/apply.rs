@@ -47,8 +47,8 @@ pub struct GroupLimits {
 impl Default for GroupLimits {
     fn default() -> Self {
         Self {
-            max_transactions: 2000,
-            max_rows: 50_000,
+            max_transactions: 5000,
+            max_rows: 125_000,
             max_age: Duration::from_millis(200),
         }
     }
