@@ -299,6 +299,10 @@ async fn run_once(ctx: &JobContext) -> Result<Ended> {
     let publication = slot.clone();
     let source = pg_conn::connect(&ctx.source, &ctx.app_name("control")).await?;
     let target = pg_conn::connect(&ctx.target, &ctx.app_name("control")).await?;
+    // This session repairs, controls the copy and applies: before it reads or changes the
+    // job's state on the target, the earlier run's control session must be gone (a daemon
+    // killed mid-group leaves its transaction running; see `lock_job`).
+    pg_apply::lock_job(&target, &spec.name, JOB_LOCK_WAIT).await?;
     pg_apply::undo_interrupted_deferrals(&target, &spec.name).await?;
     // A table whose mapping broke while the job was down (or that an earlier run paused and
     // nobody fixed yet) stays paused if it is past its snapshot; the others run.
@@ -350,9 +354,6 @@ async fn run_once(ctx: &JobContext) -> Result<Ended> {
     if let Some(state) = &slot_state {
         provision::check_slot_usable(&slot, state, &ctx.source.dbname)?;
     }
-    // This session applies the stream: from here on, no session of an earlier run may
-    // still be writing to the target (see `lock_job`).
-    pg_apply::lock_job(&target, &spec.name, JOB_LOCK_WAIT).await?;
     // The publication first, then the slot (hard case 14).
     let source_tables: Vec<TableName> = plans
         .iter()

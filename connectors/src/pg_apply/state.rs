@@ -114,12 +114,13 @@ pub fn job_lock_key(job: &str) -> i32 {
 /// Take the job's lock on the target (a session-level advisory lock, held by this
 /// session until it ends), waiting at most `wait` for a session that holds it.
 ///
-/// The session that applies the stream holds it. A session of an earlier run may still be
-/// at work on the target: its daemon was killed while the target ran a group, or its
-/// attempt failed with a group in flight. The server finishes that group, and may commit
+/// The job's control session on the target (which repairs, copies and applies) holds it. A
+/// session of an earlier run may still be at work on the target: its daemon was killed
+/// while the target ran a group. The server finishes that group, and may commit
 /// it, after the new run has read `cutover.progress`; the new run would then apply those
-/// source transactions a second time. With the lock, the new run reads the progress only
-/// once the earlier session has ended.
+/// source transactions a second time. With the lock, the new run reads the job's state
+/// only once the earlier control session has ended. (The copy's worker sessions do not
+/// take it.)
 pub async fn lock_job(client: &Client, job: &str, wait: std::time::Duration) -> Result<()> {
     let key = job_lock_key(job);
     let deadline = std::time::Instant::now() + wait;
@@ -160,8 +161,8 @@ pub async fn lock_job(client: &Client, job: &str, wait: std::time::Duration) -> 
                 "another session holds job \"{job}\"'s lock on the target ({who})"
             ));
             e.detail = Some("an earlier run's session is still finishing a transaction there, or a second daemon runs this job against the same target".into());
-            e.hint = Some("it is retried; if it lasts, find that session in pg_stat_activity on the target and stop the process that owns it".into());
-            return Err(e);
+            e.hint = Some("it is retried for 90 s; if it lasts, find that session in pg_stat_activity on the target and stop the process that owns it".into());
+            return Err(e.retry_for(std::time::Duration::from_secs(90)));
         }
         if !logged {
             tracing::info!(holder = %who, "waiting for an earlier session of this job on the target to end");
