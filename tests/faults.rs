@@ -315,6 +315,76 @@ async fn a_run_waits_for_an_earlier_session_on_the_target() {
     assert!(daemon.running(), "{}", daemon.output());
 }
 
+/// The copy's workers write to the target too (a worker builds a finished table's indexes
+/// and marks it done): each holds the job's lock, shared, while it lives. A session that
+/// holds it shared, as a worker of a killed run would, keeps a new run waiting.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_copy_workers_hold_the_job_lock() {
+    let (src, dst, s, d) = setup(300_000).await;
+    let job = Job::write("workers", &src.url("db"), &dst.url("db"), "");
+    let mut daemon = Daemon::start(&job);
+    let key = cutover_connectors::pg_apply::job_lock_key("workers");
+    let held_by_worker = format!(
+        "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+         WHERE l.locktype = 'advisory' AND l.granted AND l.mode = 'ShareLock' \
+           AND l.objid = {} AND a.application_name LIKE '%copy-%'",
+        u32::from_ne_bytes(key.to_ne_bytes())
+    );
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    loop {
+        let n: i64 = d.query_one(&held_by_worker, &[]).await.unwrap().get(0);
+        if n > 0 {
+            break;
+        }
+        let phase = daemon
+            .status()
+            .await
+            .and_then(|st| st["phase"].as_str().map(str::to_string));
+        assert!(
+            phase.as_deref() != Some("streaming") && std::time::Instant::now() < deadline,
+            "no copy worker held the job's lock during the copy:\n{}",
+            daemon.output()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    daemon.wait_phase("streaming", TIMEOUT).await;
+    assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
+    let worker = dst.connect("db").await.unwrap();
+    worker
+        .execute(
+            "SELECT pg_advisory_lock_shared($1, $2)",
+            &[&0x6375_7476_i32, &key],
+        )
+        .await
+        .unwrap();
+    s.batch_execute("UPDATE counters SET n = n + 3; DELETE FROM big WHERE id <= 10;")
+        .await
+        .unwrap();
+    let mut daemon = Daemon::start(&job);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !daemon
+        .output()
+        .contains("waiting for an earlier session of this job")
+    {
+        assert!(
+            std::time::Instant::now() < deadline && daemon.running(),
+            "the run did not wait for a session holding the job's lock shared:\n{}",
+            daemon.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let deleted: i64 = d
+        .query_one("SELECT count(*) FROM big WHERE id <= 10", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(deleted, 10, "changes were applied while the lock was held");
+    drop(worker);
+    assert_equal(&s, &d, &daemon).await;
+    assert!(daemon.running(), "{}", daemon.output());
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lost_slot_is_refused_not_recreated() {
     let (src, dst) = tokio::join!(

@@ -622,6 +622,9 @@ async fn copy_tables(
                 }
                 if dst.is_none() {
                     let c = pg_conn::connect(&ctx.target, &app).await?;
+                    // Held until the worker ends, so that a later run waits for its
+                    // last transaction (see `lock_job`).
+                    pg_apply::join_job_lock(&c, &ctx.spec.name).await?;
                     prepare_target_session(&c).await;
                     dst = Some(c);
                 }

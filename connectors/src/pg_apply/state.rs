@@ -111,16 +111,22 @@ pub fn job_lock_key(job: &str) -> i32 {
     i32::from_ne_bytes(hash.to_ne_bytes())
 }
 
-/// Take the job's lock on the target (a session-level advisory lock, held by this
-/// session until it ends), waiting at most `wait` for a session that holds it.
+/// Take the job's lock on the target for this run, waiting at most `wait` for the
+/// sessions of an earlier run to end.
 ///
-/// The job's control session on the target (which repairs, copies and applies) holds it. A
-/// session of an earlier run may still be at work on the target: its daemon was killed
-/// while the target ran a group. The server finishes that group, and may commit
-/// it, after the new run has read `cutover.progress`; the new run would then apply those
-/// source transactions a second time. With the lock, the new run reads the job's state
-/// only once the earlier control session has ended. (The copy's worker sessions do not
-/// take it.)
+/// Every session of a run that writes to the target (the control session, which repairs,
+/// copies and applies, and the copy's workers) holds the job's advisory lock in shared
+/// mode for as long as it lives. A session of an earlier run may still be at work on the
+/// target: its daemon was killed while the target ran a group, or while a worker built a
+/// table's indexes and marked it done. The server finishes that transaction, and may
+/// commit it, after the new run has read `cutover.progress` and `cutover.tables`; the new
+/// run would then apply those source transactions a second time, or take a finished
+/// table for an interrupted copy. So a new run first takes the lock exclusively, which it
+/// gets only once no session of an earlier run is left, and then holds it shared like its
+/// workers ([`join_job_lock`]).
+///
+/// The exclusive lock is only ever tried, never waited for in the server's queue: a
+/// waiting run would queue ahead of the running one's workers and hold them back.
 pub async fn lock_job(client: &Client, job: &str, wait: std::time::Duration) -> Result<()> {
     let key = job_lock_key(job);
     let deadline = std::time::Instant::now() + wait;
@@ -131,45 +137,87 @@ pub async fn lock_job(client: &Client, job: &str, wait: std::time::Duration) -> 
             .await
             .map_err(|e| err("take the job's lock", e))?;
         if row.get::<_, bool>(0) {
+            // Shared first, then let go of the exclusive hold: the session never is
+            // without the lock in between.
+            client
+                .batch_execute(&format!(
+                    "SELECT pg_advisory_lock_shared({LOCK_CLASS}, {key}); \
+                     SELECT pg_advisory_unlock({LOCK_CLASS}, {key});"
+                ))
+                .await
+                .map_err(|e| err("take the job's lock", e))?;
             return Ok(());
         }
-        let holder = client
-            .query_opt(
+        let holders = client
+            .query(
                 "SELECT l.pid, coalesce(a.application_name, ''), coalesce(a.state, '') \
                  FROM pg_locks l LEFT JOIN pg_stat_activity a USING (pid) \
                  WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 \
                    AND l.classid = $1 AND l.objid = $2 AND l.database = \
-                       (SELECT oid FROM pg_database WHERE datname = current_database())",
+                       (SELECT oid FROM pg_database WHERE datname = current_database()) \
+                 ORDER BY l.pid",
                 &[
                     &u32::from_ne_bytes(LOCK_CLASS.to_ne_bytes()),
                     &u32::from_ne_bytes(key.to_ne_bytes()),
                 ],
             )
             .await
-            .map_err(|e| err("look up the holder of the job's lock", e))?;
-        let who = match holder {
-            Some(r) => format!(
-                "pid {}, application_name \"{}\", {}",
-                r.get::<_, i32>(0),
-                r.get::<_, String>(1),
-                r.get::<_, String>(2)
-            ),
-            None => "a session that just ended".to_string(),
+            .map_err(|e| err("look up the holders of the job's lock", e))?;
+        let who = if holders.is_empty() {
+            "a session that just ended".to_string()
+        } else {
+            holders
+                .iter()
+                .map(|r| {
+                    format!(
+                        "pid {}, application_name \"{}\", {}",
+                        r.get::<_, i32>(0),
+                        r.get::<_, String>(1),
+                        r.get::<_, String>(2)
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
         };
         if std::time::Instant::now() >= deadline {
             let mut e = Error::transient(format!(
-                "another session holds job \"{job}\"'s lock on the target ({who})"
+                "other sessions hold job \"{job}\"'s lock on the target ({who})"
             ));
-            e.detail = Some("an earlier run's session is still finishing a transaction there, or a second daemon runs this job against the same target".into());
-            e.hint = Some("it is retried for 90 s; if it lasts, find that session in pg_stat_activity on the target and stop the process that owns it".into());
+            e.detail = Some("an earlier run's sessions are still finishing transactions there, or a second daemon runs this job against the same target".into());
+            e.hint = Some("it is retried for 90 s; if it lasts, find those sessions in pg_stat_activity on the target and stop the process that owns them".into());
             return Err(e.retry_for(std::time::Duration::from_secs(90)));
         }
         if !logged {
-            tracing::info!(holder = %who, "waiting for an earlier session of this job on the target to end");
+            tracing::info!(holders = %who, "waiting for an earlier session of this job on the target to end");
             logged = true;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
+
+/// Hold the job's lock (shared) on another session of this run, for as long as that
+/// session lives. The run's control session holds it already ([`lock_job`]), so no other
+/// run can hold it exclusively; if one does, this run's control session is gone, and the
+/// session must not write.
+pub async fn join_job_lock(client: &Client, job: &str) -> Result<()> {
+    let key = job_lock_key(job);
+    let row = client
+        .query_one(
+            "SELECT pg_try_advisory_lock_shared($1, $2)",
+            &[&LOCK_CLASS, &key],
+        )
+        .await
+        .map_err(|e| err("take the job's lock", e))?;
+    if row.get::<_, bool>(0) {
+        return Ok(());
+    }
+    let mut e = Error::transient(format!(
+        "another run holds job \"{job}\"'s lock on the target"
+    ));
+    e.detail =
+        Some("this run's control session has ended, and another daemon took the job over".into());
+    e.hint = Some("this run starts over; if two daemons run this job, stop one of them".into());
+    Err(e)
 }
 
 /// Every table's snapshot state, keyed by the source table's display name.
