@@ -7,6 +7,8 @@
 
 use std::fmt;
 
+use crate::pg_source::wire::WireError;
+
 /// What the supervisor does with an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorClass {
@@ -107,6 +109,55 @@ impl Error {
             hint,
             source: None,
             retry_for: None,
+        }
+    }
+}
+
+impl Error {
+    /// Our error for a failure of one of our own protocol sessions (`pg_source::wire`)
+    /// while doing `what` (a verb phrase) on `endpoint`, classified like [`from_pg`]'s.
+    ///
+    /// [`from_pg`]: Error::from_pg
+    pub fn from_wire(what: &str, endpoint: &str, err: WireError) -> Self {
+        let primary = |cause: &str| {
+            let mut c = cause.chars();
+            let cause = match c.next() {
+                Some(f) => f.to_lowercase().collect::<String>() + c.as_str(),
+                None => String::new(),
+            };
+            format!("could not {what} on {endpoint}: {cause}")
+        };
+        match err {
+            WireError::Server(s) => {
+                let code = s.code.as_str();
+                // 08: connection exception; 57P01-57P03: admin shutdown, crash shutdown,
+                // cannot connect now; 53: insufficient resources; 40001/40P01:
+                // serialization failure and deadlock.
+                let transient = code.starts_with("08")
+                    || code.starts_with("53")
+                    || matches!(code, "57P01" | "57P02" | "57P03" | "40001" | "40P01");
+                let mut e = if transient {
+                    Error::transient(primary(&s.message))
+                } else {
+                    Error::operator(primary(&s.message))
+                };
+                e.detail = s.detail;
+                e.hint = s.hint;
+                if e.hint.is_none() && code.starts_with("28") {
+                    e.hint = Some(
+                        "check the user and the password (password_env, PGPASSWORD or ~/.pgpass)"
+                            .into(),
+                    );
+                }
+                e
+            }
+            WireError::Auth(m) => Error::operator(primary(&m))
+                .hint("check the user and the password (password_env, PGPASSWORD or ~/.pgpass)"),
+            WireError::Io(io) => Error::transient(primary(&io.to_string())).with_source(io),
+            WireError::Closed => Error::transient(primary("the server closed the connection")),
+            e @ WireError::Protocol(_) => Error::operator(primary(&e.to_string())).hint(
+                "this is a bug in cutover or an unsupported server; report it with the server version",
+            ),
         }
     }
 }

@@ -25,6 +25,22 @@ pub fn session_options(params: &ConnParams) -> String {
     }
 }
 
+/// TLS is not supported yet: the modes that require it are refused.
+fn refuse_tls(params: &ConnParams) -> Result<()> {
+    if matches!(
+        params.sslmode,
+        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
+    ) {
+        return Err(Error::operator(format!(
+            "sslmode={} is not supported yet for {}",
+            sslmode_name(params.sslmode),
+            params.endpoint()
+        ))
+        .hint("connect over a private network or a unix socket with sslmode=disable or prefer"));
+    }
+    Ok(())
+}
+
 /// A tokio-postgres configuration for `params`, tagged with `application_name`.
 pub fn pg_config(params: &ConnParams, application_name: &str) -> tokio_postgres::Config {
     let mut cfg = tokio_postgres::Config::new();
@@ -51,17 +67,7 @@ pub fn pg_config(params: &ConnParams, application_name: &str) -> tokio_postgres:
 /// Connect and spawn the connection task. Failures name the endpoint and the cause
 /// (refused, timeout, authentication) and never the password.
 pub async fn connect(params: &ConnParams, application_name: &str) -> Result<Client> {
-    if matches!(
-        params.sslmode,
-        SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull
-    ) {
-        return Err(Error::operator(format!(
-            "sslmode={} is not supported yet for {}",
-            sslmode_name(params.sslmode),
-            params.endpoint()
-        ))
-        .hint("connect over a private network or a unix socket with sslmode=disable or prefer"));
-    }
+    refuse_tls(params)?;
     let cfg = pg_config(params, application_name);
     // connect_timeout bounds the TCP connect only; a server that accepts and then says
     // nothing would hang the startup forever, so the whole connect gets the same bound.
@@ -102,6 +108,45 @@ fn sslmode_name(mode: SslMode) -> &'static str {
         SslMode::Require => "require",
         SslMode::VerifyCa => "verify-ca",
         SslMode::VerifyFull => "verify-full",
+    }
+}
+
+/// An ordinary session on our own protocol code instead of tokio-postgres, for the
+/// copy's relay ([`wire::relay_copy`]): the same settings, the same bound on the whole
+/// connect, the same refusal of the sslmodes that need TLS.
+pub async fn connect_raw(
+    params: &ConnParams,
+    application_name: &str,
+) -> Result<crate::pg_source::wire::Connection> {
+    use crate::pg_source::wire;
+    refuse_tls(params)?;
+    let endpoint = params.endpoint();
+    let what = format!("connect as user \"{}\"", params.user);
+    let options = session_options(params);
+    let open = async {
+        let io = wire::open_socket(&params.host, params.port).await?;
+        let startup = wire::Startup {
+            user: &params.user,
+            database: &params.dbname,
+            application_name,
+            options: &options,
+            password: params.password.as_ref().map(|p| p.expose()),
+            replication: false,
+        };
+        wire::Connection::startup(io, &startup).await
+    };
+    let limit = connect_timeout(params);
+    match tokio::time::timeout(limit, open).await {
+        Ok(result) => result.map_err(|e| {
+            let auth = matches!(&e, wire::WireError::Auth(_))
+                || matches!(&e, wire::WireError::Server(s) if s.code.starts_with("28") || s.code == "3D000");
+            let mut e = Error::from_wire(&what, &endpoint, e);
+            if auth {
+                e.class = crate::error::ErrorClass::NeedsOperator;
+            }
+            e
+        }),
+        Err(_) => Err(timeout_error(params, limit)),
     }
 }
 

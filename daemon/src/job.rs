@@ -31,7 +31,7 @@ use cutover_connectors::pg_source::client::{
     ReplicationSession, ReplicationStream, StartOptions, StreamEvent,
 };
 use cutover_connectors::pg_source::decode::LogicalMessage;
-use cutover_connectors::pg_source::provision;
+use cutover_connectors::pg_source::{provision, wire};
 use cutover_connectors::{Lsn, TableName, pg_conn};
 use futures_util::FutureExt;
 use tokio::sync::watch;
@@ -608,8 +608,14 @@ async fn copy_tables(
         let snapshot_name = snapshot_name.to_string();
         workers.push(tokio::spawn(async move {
             let app = ctx.app_name(&format!("copy-{i}"));
-            let mut src: Option<tokio_postgres::Client> = None;
-            let mut dst: Option<tokio_postgres::Client> = None;
+            // The copy relays between two sessions of our own protocol code; index builds
+            // and the mark of a finished table go through an ordinary session, opened
+            // when this worker first finishes a table. Every target session holds the
+            // job's lock until the worker ends, so a later run waits for its last
+            // transaction (see `lock_job`).
+            let mut src: Option<wire::Connection> = None;
+            let mut dst: Option<wire::Connection> = None;
+            let mut idx: Option<tokio_postgres::Client> = None;
             loop {
                 let Some((plan, chunk)) = queue.lock().await.pop() else {
                     return Ok::<(), Error>(());
@@ -617,21 +623,26 @@ async fn copy_tables(
                 if ctx.stopping() {
                     return Ok(());
                 }
-                if src.is_none() {
-                    src = Some(pg_conn::connect(&ctx.source, &app).await?);
-                }
-                if dst.is_none() {
-                    let c = pg_conn::connect(&ctx.target, &app).await?;
-                    // Held until the worker ends, so that a later run waits for its
-                    // last transaction (see `lock_job`).
-                    pg_apply::join_job_lock(&c, &ctx.spec.name).await?;
-                    prepare_target_session(&c).await;
-                    dst = Some(c);
-                }
-                let (Some(s), Some(d)) = (src.as_mut(), dst.as_mut()) else {
-                    continue;
+                let s = match &mut src {
+                    Some(s) => s,
+                    None => src.insert(pg_conn::connect_raw(&ctx.source, &app).await?),
+                };
+                let d = match &mut dst {
+                    Some(d) => d,
+                    None => {
+                        let mut c = pg_conn::connect_raw(&ctx.target, &app).await?;
+                        pg_apply::join_job_lock_raw(&mut c, &ctx.spec.name).await?;
+                        // As `prepare_target_session`.
+                        if c.simple_query("SET session_replication_role = replica").await.is_err() {
+                            tracing::debug!(
+                                "target user may not set session_replication_role; triggers on target tables will fire"
+                            );
+                        }
+                        dst.insert(c)
+                    }
                 };
                 let counter = &counters[plan.source_name()];
+                // After an error both sessions are unusable; they end with the worker.
                 let rows = pg_apply::copy_chunk(
                     s,
                     &snapshot_name,
@@ -651,6 +662,15 @@ async fn copy_tables(
                     *n == 0
                 };
                 if finished {
+                    let d = match &idx {
+                        Some(d) => d,
+                        None => {
+                            let c = pg_conn::connect(&ctx.target, &app).await?;
+                            pg_apply::join_job_lock(&c, &ctx.spec.name).await?;
+                            prepare_target_session(&c).await;
+                            idx.insert(c)
+                        }
+                    };
                     pg_apply::restore_indexes_and_mark_done(d, &plan, &ctx.spec.name).await?;
                     tracing::info!(table = %name, "snapshot copy done");
                 }

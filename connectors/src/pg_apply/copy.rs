@@ -1,22 +1,22 @@
 //! The initial copy: one table (or one page range of a large table) streamed from the
 //! source's exported snapshot into the target with COPY, byte for byte.
 //!
-//! The rows are never decoded: the source's `COPY ... TO STDOUT` messages go straight into
-//! the target's `COPY ... FROM STDIN`. Binary format is used when every column has the
+//! The rows are never decoded, nor copied in memory: the source's `COPY ... TO STDOUT`
+//! messages go as they are into the target's `COPY ... FROM STDIN`, between two sessions
+//! of our own protocol code (`wire::relay_copy`). Binary format is used when every column has the
 //! same built-in type on both sides (binary forms of user types embed OIDs that differ
 //! between clusters), text otherwise. Large tables are split into ranges of pages
 //! (`ctid` ranges, which PostgreSQL 14+ scans directly) and copied in parallel.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::BytesMut;
-use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::Client;
 
 use super::plan::TablePlan;
 use super::state::MARK_DONE_SQL;
 use crate::error::{Error, Result};
 use crate::ident::quote_literal;
+use crate::pg_source::wire;
 
 /// Live counters of a table's copy, shared by the chunks copying it.
 #[derive(Debug, Default)]
@@ -54,9 +54,6 @@ impl CopyChunk {
 
 /// How much a chunk copies between updates of its table's shared counters.
 const PUBLISH_BYTES: u64 = 256 * 1024;
-
-/// The size of the pieces the copied rows are sent to the target in.
-const FEED_BYTES: usize = 64 * 1024;
 
 /// Pages per chunk below which a table is copied whole (about 128 MB).
 const MIN_CHUNK_PAGES: u64 = 16_384;
@@ -110,29 +107,23 @@ pub async fn truncate_target(target: &Client, plan: &TablePlan) -> Result<()> {
 /// Copy one chunk of `plan`'s table from the snapshot `snapshot_name` into the target, and
 /// count it in `cutover.tables` in the same target transaction. `counters` advance as
 /// data flows. Returns the rows copied.
+///
+/// Both sessions are our own protocol sessions ([`wire::Connection`], opened with
+/// [`crate::pg_conn::connect_raw`]): the source's COPY messages are relayed to the target
+/// as they are ([`wire::relay_copy`]). After an error both sessions are unusable.
 pub async fn copy_chunk(
-    source: &mut Client,
+    source: &mut wire::Connection,
     snapshot_name: &str,
-    target: &mut Client,
+    target: &mut wire::Connection,
     plan: &TablePlan,
     chunk: CopyChunk,
     job: &str,
     counters: &CopyCounters,
 ) -> Result<u64> {
-    let src_err = |e: tokio_postgres::Error| {
-        Error::from_pg(
-            &format!("copy {} out", plan.source_name()),
-            "the source",
-            &e,
-        )
-    };
-    let tgt_err = |e: tokio_postgres::Error| {
-        Error::from_pg(
-            &format!("copy into {}", plan.target_name()),
-            "the target",
-            &e,
-        )
-    };
+    let out_what = format!("copy {} out", plan.source_name());
+    let in_what = format!("copy into {}", plan.target_name());
+    let src_err = |e| Error::from_wire(&out_what, "the source", e);
+    let tgt_err = |e| Error::from_wire(&in_what, "the target", e);
     let format = if plan.binary_copy { "binary" } else { "text" };
     let only = if plan.source.relkind == 'r' {
         "ONLY "
@@ -161,36 +152,25 @@ pub async fn copy_chunk(
         plan.target_column_list()
     );
 
-    let src_tx = source.transaction().await.map_err(src_err)?;
-    src_tx
-        .batch_execute(&format!(
-            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
+    source
+        .simple_query(&format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT {}",
             quote_literal(snapshot_name)
         ))
         .await
         .map_err(src_err)?;
-    let tgt_tx = target.transaction().await.map_err(tgt_err)?;
+    target.simple_query("BEGIN").await.map_err(tgt_err)?;
+    source.start_copy(&out_sql, true).await.map_err(src_err)?;
+    target.start_copy(&in_sql, false).await.map_err(tgt_err)?;
 
-    let out = src_tx.copy_out(&out_sql).await.map_err(src_err)?;
-    let sink = tgt_tx
-        .copy_in::<_, bytes::Bytes>(&in_sql)
-        .await
-        .map_err(tgt_err)?;
-    futures_util::pin_mut!(out);
-    futures_util::pin_mut!(sink);
     // Counted here and published every PUBLISH_BYTES: the counters are shared by the
-    // chunks of a table, and an atomic add per row would bounce their cache line between
-    // CPUs for every row.
-    let mut messages = 0u64;
-    let (mut rows_unpublished, mut bytes_unpublished) = (0u64, 0u64);
-    // The source sends a message per row; COPY FROM takes the data cut anywhere. Rows are
-    // gathered into large pieces, each sent as one message without another copy.
-    let mut piece = BytesMut::with_capacity(FEED_BYTES + FEED_BYTES / 4);
-    while let Some(chunk) = out.next().await {
-        let chunk = chunk.map_err(src_err)?;
-        messages += 1;
-        rows_unpublished += 1;
-        bytes_unpublished += chunk.len() as u64;
+    // chunks of a table, and an atomic add per write would bounce their cache line
+    // between CPUs.
+    let (mut messages, mut rows_unpublished, mut bytes_unpublished) = (0u64, 0u64, 0u64);
+    let mut progress = |rows: u64, bytes: u64| {
+        messages += rows;
+        rows_unpublished += rows;
+        bytes_unpublished += bytes;
         if bytes_unpublished >= PUBLISH_BYTES {
             counters.rows.fetch_add(rows_unpublished, Ordering::Relaxed);
             counters
@@ -198,34 +178,31 @@ pub async fn copy_chunk(
                 .fetch_add(bytes_unpublished, Ordering::Relaxed);
             (rows_unpublished, bytes_unpublished) = (0, 0);
         }
-        piece.extend_from_slice(&chunk);
-        if piece.len() >= FEED_BYTES {
-            sink.feed(piece.split().freeze()).await.map_err(tgt_err)?;
-            piece.reserve(FEED_BYTES);
-        }
-    }
-    if !piece.is_empty() {
-        sink.feed(piece.freeze()).await.map_err(tgt_err)?;
-    }
+    };
+    let rows = wire::relay_copy(source, target, &mut progress)
+        .await
+        .map_err(|e| match e {
+            wire::RelayError::Source(e) => src_err(e),
+            wire::RelayError::Target(e) => tgt_err(e),
+        })?;
     counters
         .bytes
         .fetch_add(bytes_unpublished, Ordering::Relaxed);
-    let rows = sink.as_mut().finish().await.map_err(tgt_err)?;
     // Binary COPY adds a header and a trailer message: settle on the server's count.
     counters
         .rows
         .fetch_add(rows_unpublished + rows, Ordering::Relaxed);
     counters.rows.fetch_sub(messages, Ordering::Relaxed);
-    src_tx.commit().await.map_err(src_err)?;
-    let source_table = plan.source_name().to_string();
-    tgt_tx
-        .execute(
-            MARK_DONE_SQL,
-            &[&job, &source_table, &(rows as i64), &false],
-        )
+    source.simple_query("COMMIT").await.map_err(src_err)?;
+    target
+        .simple_query(&format!(
+            "UPDATE cutover.tables SET rows_copied = rows_copied + {rows} \
+             WHERE job = {} AND source_table = {}; COMMIT",
+            quote_literal(job),
+            quote_literal(&plan.source_name().to_string())
+        ))
         .await
         .map_err(tgt_err)?;
-    tgt_tx.commit().await.map_err(tgt_err)?;
     Ok(rows)
 }
 

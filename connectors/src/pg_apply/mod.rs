@@ -25,6 +25,6 @@ pub use indexes::{defer_indexes, restore_indexes_and_mark_done, undo_interrupted
 pub use mapper::{Mapper, Shape, Step};
 pub use plan::{ColumnMap, Filter, MappingSpec, TablePlan, plan_table};
 pub use state::{
-    Progress, TableState, ensure_state_schema, job_lock_key, join_job_lock, lock_job,
-    mark_table_started, read_progress, read_table_states,
+    Progress, TableState, ensure_state_schema, job_lock_key, join_job_lock, join_job_lock_raw,
+    lock_job, mark_table_started, read_progress, read_table_states,
 };

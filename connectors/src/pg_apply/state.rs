@@ -200,24 +200,47 @@ pub async fn lock_job(client: &Client, job: &str, wait: std::time::Duration) -> 
 /// run can hold it exclusively; if one does, this run's control session is gone, and the
 /// session must not write.
 pub async fn join_job_lock(client: &Client, job: &str) -> Result<()> {
-    let key = job_lock_key(job);
     let row = client
-        .query_one(
-            "SELECT pg_try_advisory_lock_shared($1, $2)",
-            &[&LOCK_CLASS, &key],
-        )
+        .query_one(&join_job_lock_sql(job), &[])
         .await
         .map_err(|e| err("take the job's lock", e))?;
     if row.get::<_, bool>(0) {
-        return Ok(());
+        Ok(())
+    } else {
+        Err(join_refused(job))
     }
+}
+
+/// [`join_job_lock`] on one of our own protocol sessions (the copy's relay).
+pub async fn join_job_lock_raw(
+    conn: &mut crate::pg_source::wire::Connection,
+    job: &str,
+) -> Result<()> {
+    let rows = conn
+        .simple_query(&join_job_lock_sql(job))
+        .await
+        .map_err(|e| Error::from_wire("take the job's lock", "the target", e))?;
+    match rows.first().and_then(|r| r.first()) {
+        Some(Some(v)) if &v[..] == b"t" => Ok(()),
+        _ => Err(join_refused(job)),
+    }
+}
+
+fn join_job_lock_sql(job: &str) -> String {
+    format!(
+        "SELECT pg_catalog.pg_try_advisory_lock_shared({LOCK_CLASS}, {})",
+        job_lock_key(job)
+    )
+}
+
+fn join_refused(job: &str) -> Error {
     let mut e = Error::transient(format!(
         "another run holds job \"{job}\"'s lock on the target"
     ));
     e.detail =
         Some("this run's control session has ended, and another daemon took the job over".into());
     e.hint = Some("this run starts over; if two daemons run this job, stop one of them".into());
-    Err(e)
+    e
 }
 
 /// Every table's snapshot state, keyed by the source table's display name.

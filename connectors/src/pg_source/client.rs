@@ -116,60 +116,41 @@ const HBA_HINT: &str = "allow the user in pg_hba.conf for this database (logical
 /// phrase: "start replication"). The primary is `could not {what} on {endpoint}: {cause}`;
 /// a server error keeps its detail and hint unless a hint of ours fits better.
 fn wire_error(what: &str, endpoint: &str, e: WireError) -> Error {
-    let primary =
-        |cause: &str| format!("could not {what} on {endpoint}: {}", lowercase_first(cause));
-    match e {
-        WireError::Server(s) => {
-            let mut err = Error::operator(primary(&s.message));
-            err.detail = s.detail.clone();
-            err.hint = s.hint.clone();
-            let code = s.code.as_str();
-            // 08: connection exception; 57P01-57P03: admin shutdown, crash shutdown,
-            // cannot connect now; 53: insufficient resources (too many connections, out of
-            // memory or disk); 40001/40P01: serialization failure and deadlock.
-            if code.starts_with("08")
-                || code.starts_with("53")
-                || matches!(code, "57P01" | "57P02" | "57P03" | "40001" | "40P01")
-            {
-                err.class = ErrorClass::Transient;
-            }
-            let text = format!("{} {}", s.message, s.detail.as_deref().unwrap_or(""));
-            if text.contains("must be superuser or replication role")
-                || text.contains("permission denied to start WAL sender")
-                || text.contains("REPLICATION attribute")
-            {
-                err.class = ErrorClass::NeedsOperator;
-                err.hint = Some(REPLICATION_ROLE_HINT.into());
-            } else if text.contains("pg_hba.conf") {
-                err.class = ErrorClass::NeedsOperator;
-                err.hint = Some(HBA_HINT.into());
-            } else if code.starts_with("28") {
-                err.class = ErrorClass::NeedsOperator;
-                err.hint = Some(AUTH_HINT.into());
-            } else if code == "55006" && s.message.contains("is active for PID") {
-                // The slot is still held, usually by the walsender of a predecessor that
-                // died: it lets go within wal_sender_timeout. As in provision's check.
-                err.class = ErrorClass::Transient;
-                err.hint = Some("another cutover run of this job (or a stale connection) holds the slot; stop it, or wait for wal_sender_timeout to end a dead one".into());
-                err.retry_for = Some(std::time::Duration::from_secs(90));
-            }
-            err
-        }
-        WireError::Auth(m) => Error::operator(primary(&m)).hint(AUTH_HINT),
-        WireError::Io(io) => Error::transient(primary(&io.to_string())).with_source(io),
-        WireError::Closed => Error::transient(primary("the server closed the connection")),
-        e @ WireError::Protocol(_) => Error::operator(primary(&e.to_string())).hint(
-            "this is a bug in cutover or an unsupported server; report it with the server version",
-        ),
+    let server = match &e {
+        WireError::Server(s) => Some((
+            s.code.clone(),
+            format!("{} {}", s.message, s.detail.as_deref().unwrap_or("")),
+        )),
+        _ => None,
+    };
+    let auth = matches!(e, WireError::Auth(_));
+    let mut err = Error::from_wire(what, endpoint, e);
+    if auth {
+        err.hint = Some(AUTH_HINT.into());
     }
-}
-
-fn lowercase_first(s: &str) -> String {
-    let mut c = s.chars();
-    match c.next() {
-        Some(f) => f.to_lowercase().collect::<String>() + c.as_str(),
-        None => String::new(),
+    let Some((code, text)) = server else {
+        return err;
+    };
+    if text.contains("must be superuser or replication role")
+        || text.contains("permission denied to start WAL sender")
+        || text.contains("REPLICATION attribute")
+    {
+        err.class = ErrorClass::NeedsOperator;
+        err.hint = Some(REPLICATION_ROLE_HINT.into());
+    } else if text.contains("pg_hba.conf") {
+        err.class = ErrorClass::NeedsOperator;
+        err.hint = Some(HBA_HINT.into());
+    } else if code.starts_with("28") {
+        err.class = ErrorClass::NeedsOperator;
+        err.hint = Some(AUTH_HINT.into());
+    } else if code == "55006" && text.contains("is active for PID") {
+        // The slot is still held, usually by the walsender of a predecessor that
+        // died: it lets go within wal_sender_timeout. As in provision's check.
+        err.class = ErrorClass::Transient;
+        err.hint = Some("another cutover run of this job (or a stale connection) holds the slot; stop it, or wait for wal_sender_timeout to end a dead one".into());
+        err.retry_for = Some(std::time::Duration::from_secs(90));
     }
+    err
 }
 
 impl ReplicationSession {
@@ -198,6 +179,7 @@ impl ReplicationSession {
                 application_name,
                 options: &options,
                 password: params.password.as_ref().map(|p| p.expose()),
+                replication: true,
             };
             let mut conn = wire::Connection::startup(io, &startup)
                 .await

@@ -528,9 +528,13 @@ pub struct Startup<'a> {
     /// The `options` startup parameter (`-c name=value ...`).
     pub options: &'a str,
     pub password: Option<&'a str>,
+    /// A replication session (`replication=database`), or an ordinary one.
+    pub replication: bool,
 }
 
-/// An authenticated replication session that is not streaming: it runs commands.
+/// An authenticated session that is not streaming: it runs commands. A replication
+/// session streams with [`Connection::start_replication`]; an ordinary one can relay a
+/// COPY to another ([`relay_copy`]).
 pub struct Connection {
     io: Box<dyn Socket>,
     rbuf: BytesMut,
@@ -566,12 +570,12 @@ impl Connection {
         let params = [
             ("user", startup.user),
             ("database", startup.database),
-            ("replication", "database"),
             ("application_name", startup.application_name),
             ("options", startup.options),
             ("client_encoding", "UTF8"),
         ];
-        frontend::startup_message(params.iter().copied(), &mut conn.wbuf)?;
+        let replication = startup.replication.then_some(("replication", "database"));
+        frontend::startup_message(params.iter().copied().chain(replication), &mut conn.wbuf)?;
         conn.flush().await?;
         conn.authenticate(startup).await?;
         Ok(conn)
@@ -715,6 +719,68 @@ impl Connection {
         }
     }
 
+    /// Send `sql` (a `COPY ... TO STDOUT` or `COPY ... FROM STDIN`) and wait until the
+    /// server has switched to copy-out (`out`) or copy-in mode. A server error (the
+    /// command failed) leaves the session usable.
+    pub async fn start_copy(&mut self, sql: &str, out: bool) -> Result<(), WireError> {
+        if self.interrupted {
+            return Err(WireError::Protocol(
+                "the session was interrupted in the middle of an earlier command".into(),
+            ));
+        }
+        // Until the copy has ended and the server is ready again (see `relay_copy`).
+        self.interrupted = true;
+        frontend::query(sql, &mut self.wbuf)?;
+        self.flush().await?;
+        let mut error = None;
+        loop {
+            match self.read().await? {
+                Backend::Message(Message::CopyOutResponse(_)) if out && error.is_none() => {
+                    return Ok(());
+                }
+                Backend::Message(Message::CopyInResponse(_)) if !out && error.is_none() => {
+                    return Ok(());
+                }
+                Backend::Message(Message::ErrorResponse(body)) => {
+                    error = Some(ServerError::from_fields(body.fields()));
+                }
+                Backend::Message(Message::ReadyForQuery(_)) => {
+                    self.interrupted = false;
+                    return Err(match error {
+                        Some(e) => WireError::Server(e),
+                        None => WireError::Protocol("the server did not start a COPY".into()),
+                    });
+                }
+                other => self.common(other, "the start of a COPY")?,
+            }
+        }
+    }
+
+    /// Read up to the end of the current command (ReadyForQuery); a server error on the
+    /// way is returned once it is there. `CommandComplete`'s tag is returned.
+    async fn finish_command(&mut self, during: &str) -> Result<String, WireError> {
+        let mut error = None;
+        let mut tag = String::new();
+        loop {
+            match self.read().await? {
+                Backend::Message(Message::CommandComplete(body)) => {
+                    tag = body.tag().unwrap_or_default().to_string();
+                }
+                Backend::Message(Message::ErrorResponse(body)) => {
+                    error = Some(ServerError::from_fields(body.fields()));
+                }
+                Backend::Message(Message::ReadyForQuery(_)) => {
+                    self.interrupted = false;
+                    return match error {
+                        Some(e) => Err(WireError::Server(e)),
+                        None => Ok(tag),
+                    };
+                }
+                other => self.common(other, during)?,
+            }
+        }
+    }
+
     /// Send `command` (`START_REPLICATION ...`) and, once the server answers with
     /// CopyBothResponse, hand the socket to a streaming task. `confirmed` is what the
     /// status updates report until [`Stream::confirm`] raises it.
@@ -793,6 +859,141 @@ impl Connection {
         self.io.flush().await?;
         Ok(())
     }
+}
+
+/// Which end of a [`relay_copy`] failed.
+#[derive(Debug)]
+pub enum RelayError {
+    Source(WireError),
+    Target(WireError),
+}
+
+/// What the relay reads from the source at once, at least.
+const RELAY_READ: usize = 256 * 1024;
+
+/// The size of the CopyData messages the relay sends to the target (the server reads its
+/// COPY data in pieces of 64 KiB).
+const RELAY_PIECE: usize = 64 * 1024;
+
+/// Relay a COPY from `source` (in copy-out mode, see [`Connection::start_copy`]) to
+/// `target` (in copy-in mode) until the source's data ends, then end the target's COPY.
+/// Returns the rows the target counted.
+///
+/// The rows are not parsed: the source sends a CopyData message per row, and their
+/// contents go, joined into messages of [`RELAY_PIECE`], to the target (which takes COPY
+/// data cut anywhere, and pays per message). Only the source messages' headers are read,
+/// to find where the data ends and to count rows and bytes for `progress` (called for
+/// every message sent).
+///
+/// An error on either end leaves both sessions unusable (they are dropped with their
+/// transactions); the caller starts over on fresh ones.
+pub async fn relay_copy(
+    source: &mut Connection,
+    target: &mut Connection,
+    progress: &mut (dyn FnMut(u64, u64) + Send),
+) -> Result<u64, RelayError> {
+    use RelayError::{Source, Target};
+    let (mut rows, mut bytes) = (0u64, 0u64);
+    // The message being filled: 'd', its length (set when it is sent), the data.
+    let mut piece = BytesMut::with_capacity(RELAY_PIECE + RELAY_PIECE / 2);
+    piece.extend_from_slice(&[b'd', 0, 0, 0, 0]);
+    loop {
+        let mut next_is_data = true;
+        let mut at = 0;
+        while let Some(size) = frame_size(&source.rbuf[at..]).map_err(Source)? {
+            if source.rbuf[at] != b'd' {
+                next_is_data = false;
+                break;
+            }
+            if source.rbuf.len() - at < size {
+                break;
+            }
+            piece.extend_from_slice(&source.rbuf[at + 5..at + size]);
+            at += size;
+            rows += 1;
+            bytes += (size - 5) as u64;
+            if piece.len() >= RELAY_PIECE {
+                send_piece(target, &mut piece).await.map_err(Target)?;
+                progress(std::mem::take(&mut rows), std::mem::take(&mut bytes));
+            }
+        }
+        source.rbuf.advance(at);
+        if !next_is_data {
+            match take_message(&mut source.rbuf).map_err(Source)? {
+                Some(Backend::Message(Message::CopyDone)) => break,
+                Some(other) => {
+                    source.common(other, "a COPY").map_err(Source)?;
+                    continue;
+                }
+                // Not all there yet: read on.
+                None => {}
+            }
+        }
+        if source.rbuf.capacity() - source.rbuf.len() < RELAY_READ {
+            let rest = frame_size(&source.rbuf)
+                .ok()
+                .flatten()
+                .map_or(0, |size| size.saturating_sub(source.rbuf.len()));
+            source.rbuf.reserve(rest.max(RELAY_READ));
+        }
+        if source
+            .io
+            .read_buf(&mut source.rbuf)
+            .await
+            .map_err(|e| Source(e.into()))?
+            == 0
+        {
+            return Err(Source(WireError::Closed));
+        }
+    }
+    if piece.len() > 5 {
+        send_piece(target, &mut piece).await.map_err(Target)?;
+    }
+    progress(rows, bytes);
+    source
+        .finish_command("the end of a COPY")
+        .await
+        .map_err(Source)?;
+    frontend::copy_done(&mut target.wbuf);
+    target.flush().await.map_err(Target)?;
+    let tag = target
+        .finish_command("the end of a COPY")
+        .await
+        .map_err(Target)?;
+    tag.strip_prefix("COPY ")
+        .and_then(|n| n.trim().parse().ok())
+        .ok_or_else(|| {
+            Target(WireError::Protocol(format!(
+                "the server ended the COPY with \"{tag}\" instead of COPY and a row count"
+            )))
+        })
+}
+
+/// Send the CopyData message `piece` holds to `target`, and start the next one. A target
+/// that failed (a constraint, a type) says so at once and drops the rest: its error is
+/// looked for, without waiting, after every message.
+async fn send_piece(target: &mut Connection, piece: &mut BytesMut) -> Result<(), WireError> {
+    let len = u32::try_from(piece.len() - 1)
+        .map_err(|_| WireError::Protocol("a COPY piece larger than 4 GiB".into()))?;
+    piece[1..5].copy_from_slice(&len.to_be_bytes());
+    target.io.write_all(piece).await?;
+    piece.truncate(5);
+    target.rbuf.reserve(1024);
+    if let Some(read) = futures_util::FutureExt::now_or_never(target.io.read_buf(&mut target.rbuf))
+        && read? == 0
+    {
+        return Err(WireError::Closed);
+    }
+    // What has arrived, now or with the server's answer to the COPY.
+    while let Some(msg) = take_message(&mut target.rbuf)? {
+        match msg {
+            Backend::Message(Message::ErrorResponse(body)) => {
+                return Err(WireError::Server(ServerError::from_fields(body.fields())));
+            }
+            other => target.common(other, "a COPY")?,
+        }
+    }
+    Ok(())
 }
 
 fn need_password<'a>(startup: &Startup<'a>, method: &str) -> Result<&'a str, WireError> {
@@ -1630,6 +1831,7 @@ mod tests {
             application_name: "cutover/test",
             options: "-c TimeZone=UTC",
             password,
+            replication: true,
         }
     }
 
@@ -2099,5 +2301,154 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
+    }
+
+    // --- The copy relay ---------------------------------------------------------------
+
+    /// An ordinary session on a fake server (trust authentication), and the server's end.
+    async fn plain_session(buffer: usize) -> (Connection, DuplexStream) {
+        let (client, mut server) = tokio::io::duplex(buffer);
+        let mut startup = startup(None);
+        startup.replication = false;
+        let conn = tokio::spawn(async move {
+            let startup = Startup {
+                replication: false,
+                ..startup
+            };
+            Connection::startup(Box::new(client), &startup).await
+        });
+        let params = serve_startup(&mut server, &frame(b'R', &[0, 0, 0, 0])).await;
+        assert!(!String::from_utf8_lossy(&params).contains("replication"));
+        server.write_all(&ready()).await.unwrap();
+        (conn.await.unwrap().unwrap(), server)
+    }
+
+    /// Start a relay of `rows` between two fake servers: both sessions enter copy mode, and
+    /// the relay runs in a task that returns its result and the rows and bytes it counted.
+    async fn relay_started(
+        target_buffer: usize,
+    ) -> (
+        tokio::task::JoinHandle<(Result<u64, RelayError>, u64, u64)>,
+        DuplexStream,
+        DuplexStream,
+    ) {
+        let (mut source, mut src) = plain_session(64 * 1024).await;
+        let (mut target, mut dst) = plain_session(target_buffer).await;
+        let relay = tokio::spawn(async move {
+            source
+                .start_copy("COPY (SELECT 1) TO STDOUT", true)
+                .await
+                .unwrap();
+            target.start_copy("COPY t FROM STDIN", false).await.unwrap();
+            let (mut rows, mut bytes) = (0, 0);
+            let result = relay_copy(&mut source, &mut target, &mut |r, b| {
+                rows += r;
+                bytes += b;
+            })
+            .await;
+            (result, rows, bytes)
+        });
+        let (tag, body) = read_frontend(&mut src).await;
+        assert_eq!(
+            (tag, &body[..]),
+            (b'Q', &b"COPY (SELECT 1) TO STDOUT\0"[..])
+        );
+        src.write_all(&frame(b'H', &[0, 0, 0])).await.unwrap();
+        let (tag, _) = read_frontend(&mut dst).await;
+        assert_eq!(tag, b'Q');
+        dst.write_all(&frame(b'G', &[0, 0, 0])).await.unwrap();
+        (relay, src, dst)
+    }
+
+    #[tokio::test]
+    async fn the_relay_joins_the_rows_into_large_messages_and_ends_both_copies() {
+        let (relay, mut src, mut dst) = relay_started(64 * 1024).await;
+        let rows: Vec<Vec<u8>> = (0..5000)
+            .map(|i| format!("{i}\trow number {i}\n").into_bytes())
+            .collect();
+        let expected: Vec<u8> = rows.concat();
+        let source_side = tokio::spawn(async move {
+            let mut wire: Vec<u8> = rows.iter().flat_map(|r| frame(b'd', r)).collect();
+            wire.extend(frame(b'c', b""));
+            wire.extend(frame(b'C', b"COPY 5000\0"));
+            wire.extend(frame(b'Z', b"T"));
+            // In odd pieces, so messages arrive split across reads.
+            for piece in wire.chunks(7919) {
+                src.write_all(piece).await.unwrap();
+            }
+            src
+        });
+        let mut received = Vec::new();
+        let mut messages = 0;
+        loop {
+            let (tag, body) = read_frontend(&mut dst).await;
+            match tag {
+                b'd' => {
+                    messages += 1;
+                    received.extend_from_slice(&body);
+                }
+                b'c' => break,
+                other => panic!("unexpected message {}", other as char),
+            }
+        }
+        assert_eq!(
+            received, expected,
+            "the target got other bytes than the source sent"
+        );
+        assert!(
+            messages <= expected.len().div_ceil(RELAY_PIECE),
+            "{messages} messages for {} bytes: the rows were not joined",
+            expected.len()
+        );
+        let mut end = frame(b'C', b"COPY 5000\0");
+        end.extend(frame(b'Z', b"T"));
+        dst.write_all(&end).await.unwrap();
+        let (result, rows, bytes) = relay.await.unwrap();
+        assert_eq!(result.unwrap(), 5000);
+        assert_eq!((rows, bytes), (5000, expected.len() as u64));
+        drop(source_side.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_target_that_fails_stops_the_relay_at_once() {
+        let (relay, mut src, mut dst) = relay_started(1 << 20).await;
+        let mut answer = error_response("23505", "duplicate key value violates unique constraint");
+        answer.extend(ready());
+        dst.write_all(&answer).await.unwrap();
+        // The source goes on sending (it would for a long table), and never ends.
+        let source_side = tokio::spawn(async move {
+            let row = frame(b'd', &[b'x'; 200]);
+            loop {
+                if src.write_all(&row).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let (result, _, _) = tokio::time::timeout(Duration::from_secs(10), relay)
+            .await
+            .expect("the relay went on copying into a target that had failed")
+            .unwrap();
+        match result {
+            Err(RelayError::Target(WireError::Server(e))) => assert_eq!(e.code, "23505"),
+            other => panic!("expected the target's error, got {other:?}"),
+        }
+        source_side.abort();
+        drop(dst);
+    }
+
+    #[tokio::test]
+    async fn a_source_that_fails_is_the_relays_error() {
+        let (relay, mut src, _dst) = relay_started(1 << 20).await;
+        let mut wire = frame(b'd', b"1\tone\n");
+        wire.extend(error_response(
+            "57P01",
+            "terminating connection due to administrator command",
+        ));
+        src.write_all(&wire).await.unwrap();
+        let (result, _, _) = relay.await.unwrap();
+        match result {
+            Err(RelayError::Source(WireError::Server(e))) => assert_eq!(e.code, "57P01"),
+            other => panic!("expected the source's error, got {other:?}"),
+        }
     }
 }
