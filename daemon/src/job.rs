@@ -655,6 +655,7 @@ async fn copy_tables(
                 .await?;
                 metrics::counter!(crate::metrics::SNAPSHOT_ROWS_TOTAL).increment(rows);
                 let name = plan.source_name().to_string();
+                tracing::debug!(table = %name, rows, ?chunk, "copied a range");
                 let finished = {
                     let mut r = remaining.lock().await;
                     let n = r.entry(plan.source_name().clone()).or_insert(1);

@@ -1,11 +1,14 @@
-//! The PostgreSQL wire protocol of a replication connection (`replication=database`).
+//! The PostgreSQL wire protocol of a replication connection (`replication=database`), and
+//! of the initial copy's relay between two ordinary sessions.
 //!
 //! Upstream tokio-postgres cannot speak CopyBoth, so the replication connection is ours:
 //! this module opens the socket (TCP, or a unix socket when the host is a directory), runs
 //! the startup and authentication (cleartext, MD5, SCRAM-SHA-256 without channel binding),
 //! runs replication commands with the simple query protocol, and, once `START_REPLICATION`
 //! has switched the session to CopyBoth, hands the socket to a task of its own
-//! ([`Stream`]). Message encoding, parsing and the authentication exchanges come from the
+//! ([`Stream`]). The same sessions, opened without `replication`, carry the initial copy:
+//! [`relay_copy`] moves a COPY from the source to the target without parsing its rows
+//! (tokio-postgres would turn every row into a message of its own on both sides). Message encoding, parsing and the authentication exchanges come from the
 //! `postgres-protocol` crate; the replication sub-protocol inside CopyData (`w` XLogData,
 //! `k` primary keepalive, `r` standby status update) is parsed and built here.
 //!
@@ -908,7 +911,19 @@ pub async fn relay_copy(
             if source.rbuf.len() - at < size {
                 break;
             }
-            piece.extend_from_slice(&source.rbuf[at + 5..at + size]);
+            if size - 5 >= RELAY_PIECE {
+                // A large row goes as the message it came in, not copied into a piece.
+                if piece.len() > 5 {
+                    send_piece(target, &mut piece).await.map_err(Target)?;
+                }
+                target
+                    .io
+                    .write_all(&source.rbuf[at..at + size])
+                    .await
+                    .map_err(|e| Target(e.into()))?;
+            } else {
+                piece.extend_from_slice(&source.rbuf[at + 5..at + size]);
+            }
             at += size;
             rows += 1;
             bytes += (size - 5) as u64;
@@ -2363,9 +2378,11 @@ mod tests {
     #[tokio::test]
     async fn the_relay_joins_the_rows_into_large_messages_and_ends_both_copies() {
         let (relay, mut src, mut dst) = relay_started(64 * 1024).await;
-        let rows: Vec<Vec<u8>> = (0..5000)
+        let mut rows: Vec<Vec<u8>> = (0..5000)
             .map(|i| format!("{i}\trow number {i}\n").into_bytes())
             .collect();
+        // A row larger than a piece, in the middle: it goes as it came, in order.
+        rows[2500] = [b"2500\t".as_slice(), &vec![b'z'; 3 * RELAY_PIECE], b"\n"].concat();
         let expected: Vec<u8> = rows.concat();
         let source_side = tokio::spawn(async move {
             let mut wire: Vec<u8> = rows.iter().flat_map(|r| frame(b'd', r)).collect();
@@ -2396,7 +2413,7 @@ mod tests {
             "the target got other bytes than the source sent"
         );
         assert!(
-            messages <= expected.len().div_ceil(RELAY_PIECE),
+            messages <= expected.len().div_ceil(RELAY_PIECE) + 1,
             "{messages} messages for {} bytes: the rows were not joined",
             expected.len()
         );
