@@ -263,6 +263,24 @@ async fn immediate_restarts_of_source_and_target_are_survived() {
     drop((s, d));
 }
 
+/// Wait until `daemon` logs that it waits for the job's lock (held by `holder`), then a
+/// second more, in which it must apply nothing.
+async fn wait_until_it_waits_for_the_lock(daemon: &mut Daemon, holder: &str) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while !daemon
+        .output()
+        .contains("waiting for an earlier session of this job")
+    {
+        assert!(
+            std::time::Instant::now() < deadline && daemon.running(),
+            "the run did not wait for {holder}:\n{}",
+            daemon.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
 /// A session of an earlier run may still be committing on the target when a new run
 /// starts (its daemon was killed mid-group). The new run must not read the progress
 /// before that session has ended, or it would apply the same source transactions again.
@@ -288,19 +306,7 @@ async fn a_run_waits_for_an_earlier_session_on_the_target() {
     .await
     .unwrap();
     let mut daemon = Daemon::start(&job);
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    while !daemon
-        .output()
-        .contains("waiting for an earlier session of this job")
-    {
-        assert!(
-            std::time::Instant::now() < deadline && daemon.running(),
-            "the run did not wait for the job's lock:\n{}",
-            daemon.output()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_until_it_waits_for_the_lock(&mut daemon, "the job's lock").await;
     let applied: i64 = d
         .query_one(
             "SELECT count(*) FROM journal WHERE note = 'while fenced'",
@@ -361,19 +367,7 @@ async fn the_copy_workers_hold_the_job_lock() {
         .await
         .unwrap();
     let mut daemon = Daemon::start(&job);
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    while !daemon
-        .output()
-        .contains("waiting for an earlier session of this job")
-    {
-        assert!(
-            std::time::Instant::now() < deadline && daemon.running(),
-            "the run did not wait for a session holding the job's lock shared:\n{}",
-            daemon.output()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_until_it_waits_for_the_lock(&mut daemon, "a session holding the job's lock shared").await;
     let deleted: i64 = d
         .query_one("SELECT count(*) FROM big WHERE id <= 10", &[])
         .await

@@ -122,19 +122,7 @@ pub async fn connect_raw(
     refuse_tls(params)?;
     let endpoint = params.endpoint();
     let what = format!("connect as user \"{}\"", params.user);
-    let options = session_options(params);
-    let open = async {
-        let io = wire::open_socket(&params.host, params.port).await?;
-        let startup = wire::Startup {
-            user: &params.user,
-            database: &params.dbname,
-            application_name,
-            options: &options,
-            password: params.password.as_ref().map(|p| p.expose()),
-            replication: false,
-        };
-        wire::Connection::startup(io, &startup).await
-    };
+    let open = wire::connect(params, application_name, false);
     let limit = connect_timeout(params);
     match tokio::time::timeout(limit, open).await {
         Ok(result) => result.map_err(|e| {

@@ -23,7 +23,6 @@ use cutover_config::ConnParams;
 
 use crate::error::{Error, ErrorClass, Result};
 use crate::lsn::Lsn;
-use crate::pg_conn::session_options;
 use crate::pg_source::decode::{self, Begin, Commit, LogicalMessage};
 use crate::pg_source::spool::{Destreamer, Pushed};
 use crate::pg_source::wire::{self, WireError};
@@ -165,23 +164,11 @@ impl ReplicationSession {
     ) -> Result<Self> {
         let endpoint = params.endpoint();
         let limit = crate::pg_conn::connect_timeout(params);
-        let options = session_options(params);
         let what = "open a replication connection";
         // No TLS: the replication connection is plain TCP or a unix socket, whatever the
         // sslmode, as before (ordinary connections refuse the modes that require TLS).
         let open = async {
-            let io = wire::open_socket(&params.host, params.port)
-                .await
-                .map_err(|e| wire_error(what, &endpoint, e))?;
-            let startup = wire::Startup {
-                user: &params.user,
-                database: &params.dbname,
-                application_name,
-                options: &options,
-                password: params.password.as_ref().map(|p| p.expose()),
-                replication: true,
-            };
-            let mut conn = wire::Connection::startup(io, &startup)
+            let mut conn = wire::connect(params, application_name, true)
                 .await
                 .map_err(|e| wire_error(what, &endpoint, e))?;
             // Prove the session takes replication commands before handing it out.

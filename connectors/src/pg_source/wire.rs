@@ -535,6 +535,27 @@ pub struct Startup<'a> {
     pub replication: bool,
 }
 
+/// Open a session to the server `params` names: the socket, the startup with our pinned
+/// session settings ([`crate::pg_conn::session_options`]) and the authentication. A
+/// replication session (`replication=database`), or an ordinary one.
+pub async fn connect(
+    params: &cutover_config::ConnParams,
+    application_name: &str,
+    replication: bool,
+) -> Result<Connection, WireError> {
+    let io = open_socket(&params.host, params.port).await?;
+    let options = crate::pg_conn::session_options(params);
+    let startup = Startup {
+        user: &params.user,
+        database: &params.dbname,
+        application_name,
+        options: &options,
+        password: params.password.as_ref().map(|p| p.expose()),
+        replication,
+    };
+    Connection::startup(io, &startup).await
+}
+
 /// An authenticated session that is not streaming: it runs commands. A replication
 /// session streams with [`Connection::start_replication`]; an ordinary one can relay a
 /// COPY to another ([`relay_copy`]).
@@ -681,14 +702,7 @@ impl Connection {
     /// error leaves the session usable (the error is returned once the server is ready
     /// again).
     pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Row>, WireError> {
-        if self.interrupted {
-            return Err(WireError::Protocol(
-                "the session was interrupted in the middle of an earlier command".into(),
-            ));
-        }
-        self.interrupted = true;
-        frontend::query(sql, &mut self.wbuf)?;
-        self.flush().await?;
+        self.send_query(sql).await?;
         let mut rows = Vec::new();
         let mut error = None;
         loop {
@@ -726,15 +740,9 @@ impl Connection {
     /// server has switched to copy-out (`out`) or copy-in mode. A server error (the
     /// command failed) leaves the session usable.
     pub async fn start_copy(&mut self, sql: &str, out: bool) -> Result<(), WireError> {
-        if self.interrupted {
-            return Err(WireError::Protocol(
-                "the session was interrupted in the middle of an earlier command".into(),
-            ));
-        }
-        // Until the copy has ended and the server is ready again (see `relay_copy`).
-        self.interrupted = true;
-        frontend::query(sql, &mut self.wbuf)?;
-        self.flush().await?;
+        // The session counts as interrupted until the copy has ended and the server is
+        // ready again (see `relay_copy`).
+        self.send_query(sql).await?;
         let mut error = None;
         loop {
             match self.read().await? {
@@ -757,6 +765,19 @@ impl Connection {
                 other => self.common(other, "the start of a COPY")?,
             }
         }
+    }
+
+    /// Send `sql` as a simple Query. The session counts as interrupted until the server is
+    /// ready again: a command whose future is dropped halfway leaves it unusable.
+    async fn send_query(&mut self, sql: &str) -> Result<(), WireError> {
+        if self.interrupted {
+            return Err(WireError::Protocol(
+                "the session was interrupted in the middle of an earlier command".into(),
+            ));
+        }
+        self.interrupted = true;
+        frontend::query(sql, &mut self.wbuf)?;
+        self.flush().await
     }
 
     /// Read up to the end of the current command (ReadyForQuery); a server error on the
