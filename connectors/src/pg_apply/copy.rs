@@ -1,11 +1,11 @@
 //! The initial copy: one table (or one page range of a large table) streamed from the
 //! source's exported snapshot into the target with COPY, byte for byte.
 //!
-//! The rows are never decoded, nor copied in memory: the source's `COPY ... TO STDOUT`
-//! messages go as they are into the target's `COPY ... FROM STDIN`, between two sessions
-//! of our own protocol code (`wire::relay_copy`). Binary format is used when every column has the
-//! same built-in type on both sides (binary forms of user types embed OIDs that differ
-//! between clusters), text otherwise. Large tables are split into ranges of pages
+//! The rows are never decoded: the data of the source's `COPY ... TO STDOUT` (a message per
+//! row) goes, joined into 64 KiB messages, into the target's `COPY ... FROM STDIN`, between
+//! two sessions of our own protocol code (`wire::relay_copy`). Binary format is used when
+//! every column has the same built-in type on both sides (binary forms of user types embed
+//! OIDs that differ between clusters), text otherwise. Large tables are split into ranges of pages
 //! (`ctid` ranges, which PostgreSQL 14+ scans directly) and copied in parallel.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -109,8 +109,8 @@ pub async fn truncate_target(target: &Client, plan: &TablePlan) -> Result<()> {
 /// data flows. Returns the rows copied.
 ///
 /// Both sessions are our own protocol sessions ([`wire::Connection`], opened with
-/// [`crate::pg_conn::connect_raw`]): the source's COPY messages are relayed to the target
-/// as they are ([`wire::relay_copy`]). After an error both sessions are unusable.
+/// [`crate::pg_conn::connect_raw`]): the source's COPY data is relayed to the target
+/// without being parsed ([`wire::relay_copy`]). After an error both sessions are unusable.
 pub async fn copy_chunk(
     source: &mut wire::Connection,
     snapshot_name: &str,
