@@ -703,37 +703,7 @@ impl Connection {
     /// again).
     pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Row>, WireError> {
         self.send_query(sql).await?;
-        let mut rows = Vec::new();
-        let mut error = None;
-        loop {
-            match self.read().await? {
-                Backend::Message(Message::RowDescription(_)) => {}
-                Backend::Message(Message::DataRow(body)) => {
-                    let storage = body.buffer_bytes().clone();
-                    let mut ranges = body.ranges();
-                    let mut row = Vec::new();
-                    while let Some(range) = ranges
-                        .next()
-                        .map_err(|e| WireError::Protocol(format!("malformed data row: {e}")))?
-                    {
-                        row.push(range.map(|r| storage.slice(r)));
-                    }
-                    rows.push(row);
-                }
-                Backend::Message(Message::CommandComplete(_) | Message::EmptyQueryResponse) => {}
-                Backend::Message(Message::ErrorResponse(body)) => {
-                    error = Some(ServerError::from_fields(body.fields()));
-                }
-                Backend::Message(Message::ReadyForQuery(_)) => {
-                    self.interrupted = false;
-                    return match error {
-                        Some(e) => Err(WireError::Server(e)),
-                        None => Ok(rows),
-                    };
-                }
-                other => self.common(other, "a command")?,
-            }
-        }
+        Ok(self.read_results("a command").await?.0)
     }
 
     /// Send `sql` (a `COPY ... TO STDOUT` or `COPY ... FROM STDIN`) and wait until the
@@ -780,13 +750,28 @@ impl Connection {
         self.flush().await
     }
 
-    /// Read up to the end of the current command (ReadyForQuery); a server error on the
-    /// way is returned once it is there. `CommandComplete`'s tag is returned.
-    async fn finish_command(&mut self, during: &str) -> Result<String, WireError> {
-        let mut error = None;
+    /// Read up to the end of the current command (ReadyForQuery): the rows (in text format)
+    /// and the last CommandComplete's tag. A server error on the way is returned once the
+    /// server is ready again, so the session stays usable.
+    async fn read_results(&mut self, during: &str) -> Result<(Vec<Row>, String), WireError> {
+        let mut rows = Vec::new();
         let mut tag = String::new();
+        let mut error = None;
         loop {
             match self.read().await? {
+                Backend::Message(Message::RowDescription(_) | Message::EmptyQueryResponse) => {}
+                Backend::Message(Message::DataRow(body)) => {
+                    let storage = body.buffer_bytes().clone();
+                    let mut ranges = body.ranges();
+                    let mut row = Vec::new();
+                    while let Some(range) = ranges
+                        .next()
+                        .map_err(|e| WireError::Protocol(format!("malformed data row: {e}")))?
+                    {
+                        row.push(range.map(|r| storage.slice(r)));
+                    }
+                    rows.push(row);
+                }
                 Backend::Message(Message::CommandComplete(body)) => {
                     tag = body.tag().unwrap_or_default().to_string();
                 }
@@ -797,7 +782,7 @@ impl Connection {
                     self.interrupted = false;
                     return match error {
                         Some(e) => Err(WireError::Server(e)),
-                        None => Ok(tag),
+                        None => Ok((rows, tag)),
                     };
                 }
                 other => self.common(other, during)?,
@@ -987,13 +972,13 @@ pub async fn relay_copy(
     }
     progress(rows, bytes);
     source
-        .finish_command("the end of a COPY")
+        .read_results("the end of a COPY")
         .await
         .map_err(Source)?;
     frontend::copy_done(&mut target.wbuf);
     target.flush().await.map_err(Target)?;
-    let tag = target
-        .finish_command("the end of a COPY")
+    let (_, tag) = target
+        .read_results("the end of a COPY")
         .await
         .map_err(Target)?;
     tag.strip_prefix("COPY ")
