@@ -147,9 +147,17 @@ async fn kill_9_during_the_snapshot_then_restart() {
     let (src, dst, s, d) = setup(400_000).await;
     let stop = Arc::new(AtomicBool::new(false));
     let (writer, done) = start_writer(&src, stop.clone());
-    let job = Job::write("kill-snap", &src.url("db"), &dst.url("db"), "");
+    // The big table (about 94 MB) is copied in three page ranges of at least 24 MB side by
+    // side, while the fourth worker copies the small tables.
+    let job = Job::write(
+        "kill-snap",
+        &src.url("db"),
+        &dst.url("db"),
+        "[snapshot]\nsplit_larger_than = \"48MB\"\n",
+    );
     let mut daemon = Daemon::start(&job);
-    // Kill once the big table's copy has started moving bytes.
+    // Kill once the big table's ranges are being copied side by side, and a small table
+    // is done.
     let deadline = std::time::Instant::now() + TIMEOUT;
     loop {
         if let Some(st) = daemon.status().await {
@@ -160,7 +168,19 @@ async fn kill_9_during_the_snapshot_then_restart() {
                         && t["snapshot_done"] == false
                 })
             });
-            if copying {
+            let small_done = st["tables"].as_array().is_some_and(|ts| {
+                ts.iter()
+                    .any(|t| t["source"] != "public.big" && t["snapshot_done"] == true)
+            });
+            let ranges: i64 = d
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY %big% FROM STDIN%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if copying && small_done && ranges >= 2 {
                 break;
             }
             assert_ne!(

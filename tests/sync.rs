@@ -215,6 +215,26 @@ async fn new_schema_in_the_same_database() {
     );
     let mut daemon = Daemon::start(&job);
     daemon.wait_phase("streaming", TIMEOUT).await;
+    // A table copied whole is loaded with COPY FREEZE: every page is all-frozen, so
+    // nothing rewrites them later to set hint bits or to freeze them.
+    c.batch_execute("CREATE EXTENSION pg_visibility")
+        .await
+        .unwrap();
+    let (pages, frozen): (i64, i64) = {
+        let row = c
+            .query_one(
+                "SELECT pg_relation_size('v2.items') / 8192, \
+                 all_frozen FROM pg_visibility_map_summary('v2.items')",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert!(
+        pages > 0 && frozen == pages,
+        "{frozen} of {pages} pages all-frozen"
+    );
     c.batch_execute("UPDATE public.items SET name = 'x' WHERE id < 100; DELETE FROM public.items WHERE id > 900; INSERT INTO public.items VALUES (5000, 'new');")
         .await
         .unwrap();

@@ -22,7 +22,7 @@ mod secret;
 mod spec;
 
 pub use error::ConfigError;
-pub use names::{MAX_IDENT_BYTES, MAX_JOB_NAME, parse_duration};
+pub use names::{MAX_IDENT_BYTES, MAX_JOB_NAME, parse_duration, parse_size};
 pub use parse::NO_FILE;
 pub use secret::Secret;
 pub use spec::{

@@ -207,6 +207,26 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     Some(Duration::new(secs, (total_nanos % 1_000_000_000) as u32))
 }
 
+/// Parse a size as PostgreSQL writes them: a whole number and a unit `B`, `kB`, `MB`,
+/// `GB` or `TB` (multiples of 1024; the unit's case does not matter, a space may come
+/// before it). `None` for anything else, and for a size past `u64::MAX` bytes.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let digits = text.len() - text.trim_start_matches(|c: char| c.is_ascii_digit()).len();
+    if digits == 0 {
+        return None;
+    }
+    let number: u64 = text[..digits].parse().ok()?;
+    let shift = match text[digits..].trim_start().to_ascii_lowercase().as_str() {
+        "b" => 0,
+        "kb" => 10,
+        "mb" => 20,
+        "gb" => 30,
+        "tb" => 40,
+        _ => return None,
+    };
+    number.checked_mul(1u64 << shift)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -320,5 +340,27 @@ mod tests {
             assert_eq!(parse_duration(bad), None, "{bad:?}");
         }
         assert_eq!(parse_duration(&format!("{}d", u64::MAX / 1000)), None);
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("4GB"), Some(4 << 30));
+        assert_eq!(parse_size("512 MB"), Some(512 << 20));
+        assert_eq!(parse_size("64kB"), Some(64 << 10));
+        assert_eq!(parse_size("8192b"), Some(8192));
+        assert_eq!(parse_size("1tb"), Some(1 << 40));
+        for bad in [
+            "",
+            "GB",
+            "4",
+            "1.5GB",
+            "-1GB",
+            "4 G",
+            "4GiB",
+            "99999999999TB",
+            " 4GB",
+        ] {
+            assert_eq!(parse_size(bad), None, "{bad:?}");
+        }
     }
 }

@@ -32,7 +32,7 @@ use crate::conn::{parse_conn, url_error};
 use crate::error::{ConfigError, describe, kind, line_of, nearest};
 use crate::names::{
     JobNameError, MAX_IDENT_BYTES, MAX_JOB_NAME, check_job_name, is_env_name, parse_duration,
-    split_table_name,
+    parse_size, split_table_name,
 };
 use crate::secret::Secret;
 use crate::spec::{
@@ -54,6 +54,9 @@ const MIN_VERIFY_SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(1);
 const DEFAULT_VERIFY_ROWS_PER_SECOND: u64 = 50_000;
 /// How long creating the slot may wait for open transactions on the source.
 const DEFAULT_SLOT_WAIT: Duration = Duration::from_secs(60);
+/// Tables larger than this are copied in page ranges (docs/benchmarks.md, session 8).
+const DEFAULT_SPLIT_LARGER_THAN: u64 = 4 << 30;
+const MIN_SPLIT_LARGER_THAN: u64 = 1 << 20;
 const DEFAULT_MAX_LAG: Duration = Duration::from_secs(5);
 const DEFAULT_MAX_VERIFY_AGE: Duration = Duration::from_secs(30 * 60);
 const DEFAULT_LISTEN: &str = "127.0.0.1:7432";
@@ -84,7 +87,10 @@ const KEYS: &[(&str, &[&str])] = &[
         &["url", "password_env", "schema", "create_tables"],
     ),
     ("table", &["source", "target", "columns", "where"]),
-    ("snapshot", &["mode", "parallelism", "slot_wait"]),
+    (
+        "snapshot",
+        &["mode", "parallelism", "slot_wait", "split_larger_than"],
+    ),
     (
         "verify",
         &["every", "max_rows_per_second", "snapshot_max_age"],
@@ -144,6 +150,7 @@ struct RawSnapshot {
     mode: Option<Value>,
     parallelism: Option<Value>,
     slot_wait: Option<Value>,
+    split_larger_than: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -570,6 +577,7 @@ impl Ctx<'_> {
                 mode: SnapshotMode::Initial,
                 parallelism: DEFAULT_PARALLELISM,
                 slot_wait: DEFAULT_SLOT_WAIT,
+                split_larger_than: DEFAULT_SPLIT_LARGER_THAN,
             },
         };
         let verify = VerifySpec {
@@ -1058,11 +1066,47 @@ impl Ctx<'_> {
             "[snapshot] slot_wait",
             DEFAULT_SLOT_WAIT,
         )?;
+        let split_larger_than = self.split_larger_than(raw.split_larger_than.as_ref())?;
         Ok(SnapshotSpec {
             mode,
             parallelism,
             slot_wait,
+            split_larger_than,
         })
+    }
+
+    /// `[snapshot] split_larger_than`: a size of at least [`MIN_SPLIT_LARGER_THAN`].
+    fn split_larger_than(&self, value: Option<&Value>) -> Result<u64, ConfigError> {
+        const WHAT: &str = "[snapshot] split_larger_than";
+        let Some(v) = value else {
+            return Ok(DEFAULT_SPLIT_LARGER_THAN);
+        };
+        let (primary, hint) = match v.get_ref() {
+            toml::Value::String(s) => match parse_size(s) {
+                Some(n) if n >= MIN_SPLIT_LARGER_THAN => return Ok(n),
+                Some(_) => (
+                    format!("{WHAT} must be at least 1MB, not \"{s}\""),
+                    "write split_larger_than = \"1MB\" or more; tables smaller than that gain nothing from being split".to_owned(),
+                ),
+                None if !s.is_empty() && s.chars().all(|c| c.is_ascii_digit()) => (
+                    format!("invalid size {} for {WHAT}", describe(v.get_ref())),
+                    format!("write a number with a unit, e.g. \"{s}MB\""),
+                ),
+                None => (
+                    format!("invalid size {} for {WHAT}", describe(v.get_ref())),
+                    "write a whole number with a unit: \"512MB\", \"4GB\", \"1TB\"".to_owned(),
+                ),
+            },
+            toml::Value::Integer(n) => (
+                format!("invalid size {} for {WHAT}", describe(v.get_ref())),
+                format!("write a string with a unit, e.g. \"{n}GB\""),
+            ),
+            other => (
+                format!("invalid size {} for {WHAT}", describe(other)),
+                "write a whole number with a unit: \"512MB\", \"4GB\", \"1TB\"".to_owned(),
+            ),
+        };
+        Err(self.err(&v.span(), primary, Some(hint)))
     }
 
     /// `[verify] snapshot_max_age`: at least [`MIN_VERIFY_SNAPSHOT_MAX_AGE`], since a part

@@ -130,6 +130,10 @@ pub struct SnapshotSpec {
     /// How long creating the replication slot may wait for transactions open on the
     /// source before it gives up, naming them. Default 60s.
     pub slot_wait: Duration,
+    /// Tables larger than this many bytes are copied in page ranges, up to `parallelism`
+    /// at once, each at least half this size; smaller ones in one stream, which keeps the
+    /// target's heap in the source's order and allows `COPY FREEZE`. Default 4GB.
+    pub split_larger_than: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -503,6 +503,44 @@ fn snapshot_settings() {
 }
 
 #[test]
+fn split_larger_than_is_a_size() {
+    assert_eq!(ok(HEAD).snapshot.split_larger_than, 4 << 30);
+    let split = |value: &str| format!("{HEAD}[snapshot]\nsplit_larger_than = {value}\n");
+    assert_eq!(
+        ok(&split("\"512MB\"")).snapshot.split_larger_than,
+        512 << 20
+    );
+    assert_eq!(ok(&split("\"1 TB\"")).snapshot.split_larger_than, 1 << 40);
+    for (value, primary, hint) in [
+        (
+            "\"64kB\"",
+            "[snapshot] split_larger_than must be at least 1MB, not \"64kB\"",
+            "write split_larger_than = \"1MB\" or more; tables smaller than that gain nothing from being split",
+        ),
+        (
+            "\"512\"",
+            "invalid size \"512\" for [snapshot] split_larger_than",
+            "write a number with a unit, e.g. \"512MB\"",
+        ),
+        (
+            "4",
+            "invalid size 4 for [snapshot] split_larger_than",
+            "write a string with a unit, e.g. \"4GB\"",
+        ),
+        (
+            "\"1.5GB\"",
+            "invalid size \"1.5GB\" for [snapshot] split_larger_than",
+            "write a whole number with a unit: \"512MB\", \"4GB\", \"1TB\"",
+        ),
+    ] {
+        let e = err(&split(value));
+        assert_eq!(e.line(), Some(9), "{value}");
+        assert_eq!(e.primary(), primary);
+        assert_eq!(e.hint(), Some(hint));
+    }
+}
+
+#[test]
 fn source_and_target_settings() {
     let spec = ok(&HEAD.replace(
         "5432/shop\"\n",

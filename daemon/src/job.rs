@@ -24,7 +24,7 @@ use cutover_config::{ConnParams, JobSpec, SnapshotMode};
 use cutover_connectors::catalog::{self, TableInfo};
 use cutover_connectors::error::{Error, Result};
 use cutover_connectors::pg_apply::{
-    self, Applier, CopyChunk, CopyCounters, GroupLimits, Mapper, MappingSpec, Step, TablePlan,
+    self, Applier, CopyCounters, CopyTask, GroupLimits, Mapper, MappingSpec, Step, TablePlan,
     TablesAtStart,
 };
 use cutover_connectors::pg_source::client::{
@@ -558,7 +558,7 @@ async fn copy_tables(
 ) -> Result<()> {
     let spec = &ctx.spec;
     let parallelism = spec.snapshot.parallelism.max(1);
-    let mut work: Vec<(Arc<TablePlan>, CopyChunk)> = Vec::new();
+    let mut work: Vec<CopyTask> = Vec::new();
     let mut remaining: HashMap<TableName, usize> = HashMap::new();
     for plan in pending {
         pg_apply::mark_table_started(
@@ -570,12 +570,21 @@ async fn copy_tables(
             &source_column_names(plan),
         )
         .await?;
-        pg_apply::truncate_target(target, plan).await?;
+        let truncated = pg_apply::truncate_target(target, plan).await?;
         pg_apply::defer_indexes(target, plan, &spec.name).await?;
         let pages = plan.source.pages.max(0) as u64;
-        let chunks = pg_apply::plan_chunks(plan.source.relkind, pages, parallelism);
+        let chunks = pg_apply::plan_chunks(
+            plan.source.relkind,
+            pages,
+            parallelism,
+            spec.snapshot.split_larger_than / pg_apply::PAGE_BYTES,
+        );
         remaining.insert(plan.source_name().clone(), chunks.len());
-        work.extend(chunks.into_iter().map(|c| (plan.clone(), c)));
+        work.extend(chunks.into_iter().map(|chunk| CopyTask {
+            plan: plan.clone(),
+            chunk,
+            truncated,
+        }));
         ctx.status.update(|s| {
             if let Some(t) = s
                 .tables
@@ -617,9 +626,10 @@ async fn copy_tables(
             let mut dst: Option<wire::Connection> = None;
             let mut idx: Option<tokio_postgres::Client> = None;
             loop {
-                let Some((plan, chunk)) = queue.lock().await.pop() else {
+                let Some(task) = queue.lock().await.pop() else {
                     return Ok::<(), Error>(());
                 };
+                let plan = &task.plan;
                 if ctx.stopping() {
                     return Ok(());
                 }
@@ -647,15 +657,14 @@ async fn copy_tables(
                     s,
                     &snapshot_name,
                     d,
-                    &plan,
-                    chunk,
+                    &task,
                     &ctx.spec.name,
                     counter,
                 )
                 .await?;
                 metrics::counter!(crate::metrics::SNAPSHOT_ROWS_TOTAL).increment(rows);
                 let name = plan.source_name().to_string();
-                tracing::debug!(table = %name, rows, ?chunk, "copied a range");
+                tracing::debug!(table = %name, rows, chunk = ?task.chunk, "copied a range");
                 let finished = {
                     let mut r = remaining.lock().await;
                     let n = r.entry(plan.source_name().clone()).or_insert(1);
@@ -672,7 +681,7 @@ async fn copy_tables(
                             idx.insert(c)
                         }
                     };
-                    pg_apply::restore_indexes_and_mark_done(d, &plan, &ctx.spec.name).await?;
+                    pg_apply::restore_indexes_and_mark_done(d, plan, &ctx.spec.name).await?;
                     tracing::info!(table = %name, "snapshot copy done");
                 }
                 ctx.status.update(|s| {

@@ -5,9 +5,19 @@
 //! row) goes, joined into 64 KiB messages, into the target's `COPY ... FROM STDIN`, between
 //! two sessions of our own protocol code (`wire::relay_copy`). Binary format is used when
 //! every column has the same built-in type on both sides (binary forms of user types embed
-//! OIDs that differ between clusters), text otherwise. Large tables are split into ranges of pages
-//! (`ctid` ranges, which PostgreSQL 14+ scans directly) and copied in parallel.
+//! OIDs that differ between clusters), text otherwise.
+//!
+//! A table is copied in one stream unless it is larger than `[snapshot] split_larger_than`
+//! (4GB by default); larger ones are split into ranges of pages (`ctid` ranges, which
+//! PostgreSQL 14+ scans directly) copied in parallel. One stream keeps the target's heap in
+//! the source's order, so the primary key's build after the copy sorts presorted input, and
+//! it lets the copy empty the table in its own transaction and load it with `COPY FREEZE`:
+//! the rows arrive frozen and all-visible, so neither the index builds nor a later vacuum
+//! write every page again to set hint bits or freeze them. On the 2-CPU benchmark machine
+//! four ranges of a 1.3 GB table took longer than one stream and more CPU on the target
+//! (docs/benchmarks.md, session 8).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio_postgres::Client;
@@ -55,18 +65,25 @@ impl CopyChunk {
 /// How much a chunk copies between updates of its table's shared counters.
 const PUBLISH_BYTES: u64 = 256 * 1024;
 
-/// Pages per chunk below which a table is copied whole (about 128 MB).
-const MIN_CHUNK_PAGES: u64 = 16_384;
+/// PostgreSQL's page size in all but custom builds; it only turns
+/// `[snapshot] split_larger_than` into pages.
+pub const PAGE_BYTES: u64 = 8192;
 
-/// Split a table of `pages` pages into at most `parallelism` ranges of at least
-/// [`MIN_CHUNK_PAGES`]. The last range is open-ended, so pages added after the size was
-/// read are still copied (the snapshot decides which rows are visible).
-pub fn plan_chunks(relkind: char, pages: u64, parallelism: usize) -> Vec<CopyChunk> {
+/// Split a table of `pages` pages larger than `split_pages` into at most `parallelism`
+/// ranges of at least half that; copy a smaller one whole. The last range is open-ended, so
+/// pages added after the size was read are still copied (the snapshot decides which rows
+/// are visible).
+pub fn plan_chunks(
+    relkind: char,
+    pages: u64,
+    parallelism: usize,
+    split_pages: u64,
+) -> Vec<CopyChunk> {
     let parallelism = parallelism.max(1) as u64;
-    if relkind != 'r' || pages < 2 * MIN_CHUNK_PAGES || parallelism == 1 {
+    if relkind != 'r' || pages <= split_pages || parallelism == 1 {
         return vec![CopyChunk::WHOLE];
     }
-    let n = (pages / MIN_CHUNK_PAGES).clamp(1, parallelism);
+    let n = (pages / (split_pages / 2).max(1)).clamp(1, parallelism);
     let step = pages.div_ceil(n);
     (0..n)
         .map(|i| CopyChunk {
@@ -79,12 +96,13 @@ pub fn plan_chunks(relkind: char, pages: u64, parallelism: usize) -> Vec<CopyChu
 /// Empty the target table before its copy starts (again). A table that other tables'
 /// foreign keys reference cannot be truncated alone; it is emptied with DELETE instead, with
 /// the foreign-key triggers off for that transaction (the referencing tables are copied from
-/// the same snapshot).
-pub async fn truncate_target(target: &Client, plan: &TablePlan) -> Result<()> {
+/// the same snapshot). Returns whether TRUNCATE worked, so that a whole-table copy may
+/// truncate again in its own transaction and load with `COPY FREEZE`.
+pub async fn truncate_target(target: &Client, plan: &TablePlan) -> Result<bool> {
     let table = plan.target_name().quoted();
     let what = format!("empty {} before its copy", plan.target_name());
     match target.batch_execute(&format!("TRUNCATE {table}")).await {
-        Ok(()) => Ok(()),
+        Ok(()) => Ok(true),
         Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::FEATURE_NOT_SUPPORTED) => {
             let sql = format!(
                 "BEGIN; SET LOCAL session_replication_role = replica; DELETE FROM {table}; COMMIT;"
@@ -98,13 +116,25 @@ pub async fn truncate_target(target: &Client, plan: &TablePlan) -> Result<()> {
                 ));
                 return Err(err);
             }
-            Ok(())
+            Ok(false)
         }
         Err(e) => Err(Error::from_pg(&what, "the target", &e)),
     }
 }
 
-/// Copy one chunk of `plan`'s table from the snapshot `snapshot_name` into the target, and
+/// One unit of the copy: a chunk of a table.
+#[derive(Debug, Clone)]
+pub struct CopyTask {
+    pub plan: Arc<TablePlan>,
+    pub chunk: CopyChunk,
+    /// The table was emptied with TRUNCATE (see [`truncate_target`]). A whole-table chunk
+    /// into an ordinary target table then truncates it again in its own transaction and
+    /// loads with `COPY FREEZE`. Its rows are visible to every snapshot once it commits,
+    /// which nobody but this job reads yet.
+    pub truncated: bool,
+}
+
+/// Copy one chunk of a table from the snapshot `snapshot_name` into the target, and
 /// count it in `cutover.tables` in the same target transaction. `counters` advance as
 /// data flows. Returns the rows copied.
 ///
@@ -115,11 +145,15 @@ pub async fn copy_chunk(
     source: &mut wire::Connection,
     snapshot_name: &str,
     target: &mut wire::Connection,
-    plan: &TablePlan,
-    chunk: CopyChunk,
+    task: &CopyTask,
     job: &str,
     counters: &CopyCounters,
 ) -> Result<u64> {
+    let CopyTask {
+        plan,
+        chunk,
+        truncated,
+    } = task;
     let out_what = format!("copy {} out", plan.source_name());
     let in_what = format!("copy into {}", plan.target_name());
     let src_err = |e| Error::from_wire(&out_what, "the source", e);
@@ -146,10 +180,12 @@ pub async fn copy_chunk(
         plan.select_list(),
         plan.source_name().quoted()
     );
+    let freeze = *truncated && *chunk == CopyChunk::WHOLE && plan.target.relkind == 'r';
     let in_sql = format!(
-        "COPY {} ({}) FROM STDIN (FORMAT {format})",
+        "COPY {} ({}) FROM STDIN (FORMAT {format}{})",
         plan.target_name().quoted(),
-        plan.target_column_list()
+        plan.target_column_list(),
+        if freeze { ", FREEZE" } else { "" }
     );
 
     source
@@ -159,7 +195,12 @@ pub async fn copy_chunk(
         ))
         .await
         .map_err(src_err)?;
-    target.simple_query("BEGIN").await.map_err(tgt_err)?;
+    let begin = if freeze {
+        format!("BEGIN; TRUNCATE {}", plan.target_name().quoted())
+    } else {
+        "BEGIN".to_string()
+    };
+    target.simple_query(&begin).await.map_err(tgt_err)?;
     source.start_copy(&out_sql, true).await.map_err(src_err)?;
     target.start_copy(&in_sql, false).await.map_err(tgt_err)?;
 
@@ -222,14 +263,19 @@ mod tests {
 
     #[test]
     fn small_tables_are_copied_whole() {
-        assert_eq!(plan_chunks('r', 100, 4), vec![CopyChunk::WHOLE]);
-        assert_eq!(plan_chunks('p', 1_000_000, 4), vec![CopyChunk::WHOLE]);
-        assert_eq!(plan_chunks('r', 1_000_000, 1), vec![CopyChunk::WHOLE]);
+        assert_eq!(plan_chunks('r', 100, 4, 1000), vec![CopyChunk::WHOLE]);
+        assert_eq!(plan_chunks('r', 1000, 4, 1000), vec![CopyChunk::WHOLE]);
+        assert_eq!(plan_chunks('p', 1_000_000, 4, 1000), vec![CopyChunk::WHOLE]);
+        assert_eq!(plan_chunks('r', 1_000_000, 1, 1000), vec![CopyChunk::WHOLE]);
     }
 
     #[test]
     fn large_tables_split_into_contiguous_ranges() {
-        let chunks = plan_chunks('r', 100_000, 4);
+        // Ranges of at least half the threshold, at most `parallelism` of them.
+        assert_eq!(plan_chunks('r', 1001, 4, 1000).len(), 2);
+        assert_eq!(plan_chunks('r', 1600, 4, 1000).len(), 3);
+        assert_eq!(plan_chunks('r', 100_000, 3, 1000).len(), 3);
+        let chunks = plan_chunks('r', 100_000, 4, 1000);
         assert_eq!(chunks.len(), 4);
         assert_eq!(chunks[0].lower_page, None);
         assert_eq!(chunks[3].upper_page, None);

@@ -19,7 +19,10 @@ mod plan;
 mod state;
 
 pub use apply::{Applier, ApplyStats, GroupLimits, Paused, TablesAtStart, Touched, TouchedKeys};
-pub use copy::{CopyChunk, CopyCounters, copy_chunk, mark_done, plan_chunks, truncate_target};
+pub use copy::{
+    CopyChunk, CopyCounters, CopyTask, PAGE_BYTES, copy_chunk, mark_done, plan_chunks,
+    truncate_target,
+};
 pub use create::{TableDefinition, create_table_sql, create_target_table};
 pub use indexes::{defer_indexes, restore_indexes_and_mark_done, undo_interrupted_deferrals};
 pub use mapper::{Mapper, Shape, Step};
