@@ -67,7 +67,23 @@ async fn setup(
     tokio_postgres::Client,
     tokio_postgres::Client,
 ) {
-    let (src, dst) = tokio::join!(cluster("fault-src"), cluster("fault-dst"));
+    setup_with(big_rows, &[]).await
+}
+
+/// As [`setup`], with extra settings for the target cluster.
+async fn setup_with(
+    big_rows: i64,
+    target_settings: &[(&str, &str)],
+) -> (
+    Cluster,
+    Cluster,
+    tokio_postgres::Client,
+    tokio_postgres::Client,
+) {
+    let (src, dst) = tokio::join!(
+        cluster("fault-src"),
+        cluster_with("fault-dst", target_settings)
+    );
     src.create_database("db").await.unwrap();
     dst.create_database("db").await.unwrap();
     src.execute("db", SCHEMA).await.unwrap();
@@ -281,6 +297,31 @@ async fn immediate_restarts_of_source_and_target_are_survived() {
         daemon.output()
     );
     drop((s, d));
+}
+
+/// Groups that commit on the target without waiting for its WAL flush are lost when the
+/// target crashes before its WAL writer flushes them. The slot must not have been confirmed
+/// past them: the source sends them again. Here the WAL writer waits 10 s between rounds,
+/// so the target crashes with seconds of unflushed commits, five times.
+#[tokio::test(flavor = "multi_thread")]
+async fn target_crashes_lose_only_what_was_never_confirmed() {
+    let (src, dst, _s, _d) = setup_with(1000, &[("wal_writer_delay", "10s")]).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (writer, done) = start_writer(&src, stop.clone());
+    let job = Job::write("target-crash", &src.url("db"), &dst.url("db"), "");
+    let mut daemon = Daemon::start(&job);
+    daemon.wait_phase("streaming", TIMEOUT).await;
+    for _ in 0..5 {
+        wait_progress(&done, 300).await;
+        dst.restart(StopMode::Immediate).await.unwrap();
+    }
+    wait_progress(&done, 100).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    let s = src.connect("db").await.unwrap();
+    let d = dst.connect("db").await.unwrap();
+    assert_equal(&s, &d, &daemon).await;
+    assert!(daemon.running(), "{}", daemon.output());
 }
 
 /// Wait until `daemon` logs that it waits for the job's lock (held by `holder`), then a

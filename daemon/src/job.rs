@@ -1071,7 +1071,7 @@ async fn stream(
     // catalog on a session of its own (the apply session holds open transactions).
     let catalog = pg_conn::connect(&ctx.target, &ctx.app_name("map")).await?;
     let mut mapper = Mapper::new(source, catalog, &plans, known);
-    let applier = Applier::new(
+    let mut applier = Applier::new(
         target,
         &spec.name,
         tables,
@@ -1079,6 +1079,7 @@ async fn stream(
         GroupLimits::default(),
         replica_role,
     );
+    applier.prepare_commits().await?;
     let base = {
         let s = ctx.status.snapshot();
         (s.applied_transactions, s.applied_rows)
@@ -1122,7 +1123,7 @@ async fn stream(
             if let Some(p) = st.applier.flush().await? {
                 st.confirm(p.end_lsn);
             }
-            let committed = st.applier.committed().end_lsn;
+            let committed = st.applier.durable().end_lsn;
             // The confirmation reaches the server on its next status update; give it time even
             // on a loaded machine (a stop should not leave the slot behind what is applied).
             st.stream.shutdown(Duration::from_secs(10)).await;

@@ -10,7 +10,7 @@
 //! server whenever it passes [`MAX_SQL_BYTES`], so a transaction of any size uses bounded
 //! memory here; the target holds the open transaction.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -131,7 +131,17 @@ pub struct Applier {
     txn: Option<(Lsn, bool)>,
     /// The last source transaction added to the open group.
     last_in_group: Option<Progress>,
+    /// The progress of the last group committed on the target (visible there).
     committed: Progress,
+    /// The progress the target holds durably: what the slot may be confirmed to.
+    durable: Progress,
+    /// Groups committed without waiting for the target's WAL flush, oldest first: the
+    /// target's WAL insert position right after each commit, and its progress. Each is
+    /// durable once the target's flush position reaches it.
+    unflushed: VecDeque<(Lsn, Progress)>,
+    /// Whether a group may commit without waiting for the target's WAL flush (see
+    /// [`Applier::prepare_commits`]).
+    commit_without_flush: bool,
     stats: ApplyStats,
     warned_unmapped: std::collections::HashSet<u32>,
     /// Statements prepared on this session (`PREPARE cutover_N`): updates, keyless deletes
@@ -248,6 +258,9 @@ impl Applier {
             txn: None,
             last_in_group: None,
             committed,
+            durable: committed,
+            unflushed: VecDeque::new(),
+            commit_without_flush: false,
             stats: ApplyStats::default(),
             warned_unmapped: Default::default(),
             prepared: FastMap::default(),
@@ -273,6 +286,37 @@ impl Applier {
             group_touched: FastMap::default(),
             touched: Touched::default(),
         }
+    }
+
+    /// Read how the target commits, once, before the first group.
+    ///
+    /// - A target whose `synchronous_commit` is `off` would not make even a waiting commit
+    ///   durable: this session commits with `local` instead.
+    /// - A target with synchronous standbys (`synchronous_standby_names`) always gets
+    ///   commits that wait, as it asks: the flush position this session can read is the
+    ///   local one, which says nothing of the standbys.
+    /// - Otherwise a group followed by more work commits without waiting for the flush
+    ///   (see `flush_group`).
+    pub async fn prepare_commits(&mut self) -> Result<()> {
+        let what = "read the target's commit settings";
+        let row = self
+            .client
+            .query_one(
+                "SELECT pg_catalog.current_setting('synchronous_commit'), \
+                        pg_catalog.current_setting('synchronous_standby_names')",
+                &[],
+            )
+            .await
+            .map_err(|e| Error::from_pg(what, "the target", &e))?;
+        let (commit, standbys): (String, String) = (row.get(0), row.get(1));
+        if commit == "off" {
+            self.client
+                .batch_execute("SET synchronous_commit = local")
+                .await
+                .map_err(|e| Error::from_pg(what, "the target", &e))?;
+        }
+        self.commit_without_flush = standbys.trim().is_empty();
+        Ok(())
     }
 
     /// The position the slot may not be confirmed past: the first source transaction a
@@ -351,8 +395,8 @@ impl Applier {
     }
 
     /// What the target durably holds.
-    pub fn committed(&self) -> Progress {
-        self.committed
+    pub fn durable(&self) -> Progress {
+        self.durable
     }
 
     pub fn stats(&self) -> ApplyStats {
@@ -429,7 +473,7 @@ impl Applier {
 
     /// Whether applied source transactions wait in an open target transaction.
     pub fn has_uncommitted(&self) -> bool {
-        self.in_group
+        self.in_group || !self.unflushed.is_empty()
     }
 
     /// Whether the open group should be committed now.
@@ -1210,7 +1254,8 @@ impl Applier {
         self.group_txns += 1;
         self.last_in_group = Some(progress);
         if self.group_full() {
-            self.flush().await
+            // More is coming: do not wait for the target's WAL flush (see `flush_group`).
+            self.flush_group(false).await
         } else {
             Ok(None)
         }
@@ -1460,12 +1505,45 @@ impl Applier {
         Ok(())
     }
 
-    /// Commit the open target transaction, if any, with the progress row. Returns the
-    /// progress now durable.
+    /// Commit the open target transaction, if any, with the progress row, and wait until
+    /// the target holds every committed group durably. Returns the progress that became
+    /// durable (`None`: none did).
     pub async fn flush(&mut self) -> Result<Option<Progress>> {
-        if !self.in_group || self.txn.is_some() {
+        if self.txn.is_some() {
             return Ok(None);
         }
+        if self.in_group {
+            // (A BEGIN buffered with no source transaction finished yet: nothing to commit,
+            // and the target may hold the group's transaction open.)
+            return self.flush_group(true).await;
+        }
+        if self.unflushed.is_empty() {
+            return Ok(None);
+        }
+        // Groups committed without waiting: a write committed with a wait for the flush
+        // (the progress row, unchanged) makes every earlier commit durable too.
+        let sql = format!(
+            "BEGIN; UPDATE cutover.progress SET updated_at = now() WHERE job = {}; COMMIT;",
+            quote_literal(&self.job)
+        );
+        self.client
+            .batch_execute(&sql)
+            .await
+            .map_err(|e| self.apply_error(e))?;
+        let newest = self.unflushed.back().map(|&(_, p)| p);
+        self.unflushed.clear();
+        Ok(newest.inspect(|p| self.durable = *p))
+    }
+
+    /// Commit the open group with the progress row. With `sync`, the commit waits for the
+    /// target's WAL flush, which makes every earlier group durable too. Without, it does
+    /// not: the target's WAL writer flushes it within moments, as PostgreSQL's own apply
+    /// worker lets it (its `synchronous_commit` is `off`), and the group becomes durable
+    /// when a later group (or a `flush`) finds the target's flush position past it. Either
+    /// way the slot is only ever confirmed to durable progress, so a target crash loses
+    /// nothing: the source streams the lost groups again. Returns the progress that became
+    /// durable (`None`: none did).
+    async fn flush_group(&mut self, sync: bool) -> Result<Option<Progress>> {
         let Some(last) = self.last_in_group else {
             // BEGIN buffered but no source transaction finished: nothing to commit yet.
             return Ok(None);
@@ -1510,7 +1588,7 @@ impl Applier {
             );
         }
         // A replayed group (a resumed table catching up) never moves the progress back.
-        let durable = if last.commit_lsn >= self.committed.commit_lsn {
+        let written = if last.commit_lsn >= self.committed.commit_lsn {
             last
         } else {
             self.committed
@@ -1518,15 +1596,38 @@ impl Applier {
         let _ = write!(
             self.sql,
             "INSERT INTO cutover.progress (job, commit_lsn, end_lsn, updated_at) VALUES ({job}, '{}', '{}', now()) \
-             ON CONFLICT (job) DO UPDATE SET commit_lsn = EXCLUDED.commit_lsn, end_lsn = EXCLUDED.end_lsn, updated_at = now(); COMMIT;",
-            durable.commit_lsn, durable.end_lsn
+             ON CONFLICT (job) DO UPDATE SET commit_lsn = EXCLUDED.commit_lsn, end_lsn = EXCLUDED.end_lsn, updated_at = now();",
+            written.commit_lsn, written.end_lsn
         );
         let started = Instant::now();
-        self.send().await?;
+        let newly_durable = if sync || !self.commit_without_flush {
+            self.sql.push_str(" COMMIT;");
+            self.send().await?;
+            self.unflushed.clear();
+            Some(written)
+        } else {
+            self.sql.push_str(
+                " SET LOCAL synchronous_commit = off; COMMIT; \
+                 SELECT pg_catalog.pg_current_wal_insert_lsn()::text, pg_catalog.pg_current_wal_flush_lsn()::text;",
+            );
+            let (inserted, flushed) = self.send_for_positions().await?;
+            self.unflushed.push_back((inserted, written));
+            let mut newest = None;
+            while let Some(&(at, p)) = self.unflushed.front()
+                && at <= flushed
+            {
+                newest = Some(p);
+                self.unflushed.pop_front();
+            }
+            newest
+        };
         metrics::histogram!("cutover_apply_batch_duration_seconds")
             .record(started.elapsed().as_secs_f64());
+        if let Some(p) = newly_durable {
+            self.durable = p;
+        }
         self.in_group = false;
-        self.committed = durable;
+        self.committed = written;
         self.last_in_group = None;
         for p in self.paused.values_mut() {
             p.dirty = false;
@@ -1554,6 +1655,28 @@ impl Applier {
         self.stats.rows += self.group_rows;
         metrics::counter!("cutover_applied_transactions_total").increment(self.group_txns as u64);
         metrics::counter!("cutover_applied_rows_total").increment(self.group_rows);
-        Ok(Some(last))
+        Ok(newly_durable)
+    }
+
+    /// Send the buffer, which ends with a query of the target's WAL insert and flush
+    /// positions, and return them.
+    async fn send_for_positions(&mut self) -> Result<(Lsn, Lsn)> {
+        let result = self.client.simple_query(&self.sql).await;
+        self.sql.clear();
+        let messages = result.map_err(|e| self.apply_error(e))?;
+        let row = messages.iter().rev().find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(row),
+            _ => None,
+        });
+        let lsn = |i: usize| {
+            row.and_then(|r| r.get(i))
+                .and_then(|t| t.parse::<Lsn>().ok())
+        };
+        match (lsn(0), lsn(1)) {
+            (Some(inserted), Some(flushed)) => Ok((inserted, flushed)),
+            _ => Err(Error::transient(
+                "the target did not report its WAL positions after a commit",
+            )),
+        }
     }
 }
