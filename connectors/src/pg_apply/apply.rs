@@ -1623,6 +1623,14 @@ impl Applier {
         };
         metrics::histogram!("cutover_apply_batch_duration_seconds")
             .record(started.elapsed().as_secs_f64());
+        tracing::debug!(
+            transactions = self.group_txns,
+            rows = self.group_rows,
+            waited_for_flush = sync || !self.commit_without_flush,
+            group_ms = self.group_started.elapsed().as_millis() as u64,
+            commit_ms = started.elapsed().as_millis() as u64,
+            "committed a group"
+        );
         if let Some(p) = newly_durable {
             self.durable = p;
         }
