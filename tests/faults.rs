@@ -284,19 +284,31 @@ async fn immediate_restarts_of_source_and_target_are_survived() {
     src.restart(StopMode::Immediate).await.unwrap();
     wait_progress(&done, 100).await;
     dst.restart(StopMode::Immediate).await.unwrap();
-    wait_progress(&done, 100).await;
+    settle_after_restarts(&src, &dst, &stop, writer, &done, &mut daemon).await;
+}
+
+/// Let the writer commit a little more after restarts, stop it, and compare source and
+/// target through fresh clients (the old ones died with the restarts). The daemon must
+/// have survived them without an operator.
+async fn settle_after_restarts(
+    src: &Cluster,
+    dst: &Cluster,
+    stop: &AtomicBool,
+    writer: tokio::task::JoinHandle<u64>,
+    done: &AtomicU64,
+    daemon: &mut Daemon,
+) {
+    wait_progress(done, 100).await;
     stop.store(true, Ordering::Relaxed);
     writer.await.unwrap();
-    // Fresh clients: the old ones died with the restarts.
     let s = src.connect("db").await.unwrap();
     let d = dst.connect("db").await.unwrap();
-    assert_equal(&s, &d, &daemon).await;
+    assert_equal(&s, &d, daemon).await;
     assert!(
         daemon.running(),
         "the daemon must survive restarts without an operator:\n{}",
         daemon.output()
     );
-    drop((s, d));
 }
 
 /// Groups that commit on the target without waiting for its WAL flush are lost when the
@@ -315,13 +327,7 @@ async fn target_crashes_lose_only_what_was_never_confirmed() {
         wait_progress(&done, 300).await;
         dst.restart(StopMode::Immediate).await.unwrap();
     }
-    wait_progress(&done, 100).await;
-    stop.store(true, Ordering::Relaxed);
-    writer.await.unwrap();
-    let s = src.connect("db").await.unwrap();
-    let d = dst.connect("db").await.unwrap();
-    assert_equal(&s, &d, &daemon).await;
-    assert!(daemon.running(), "{}", daemon.output());
+    settle_after_restarts(&src, &dst, &stop, writer, &done, &mut daemon).await;
 }
 
 /// Wait until `daemon` logs that it waits for the job's lock (held by `holder`), then a
