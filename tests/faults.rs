@@ -29,6 +29,15 @@ fn start_writer(
     src: &Cluster,
     stop: Arc<AtomicBool>,
 ) -> (tokio::task::JoinHandle<u64>, Arc<AtomicU64>) {
+    start_writer_pausing(src, stop, Duration::from_millis(2))
+}
+
+/// [`start_writer`], pausing `pause` between transactions.
+fn start_writer_pausing(
+    src: &Cluster,
+    stop: Arc<AtomicBool>,
+    pause: Duration,
+) -> (tokio::task::JoinHandle<u64>, Arc<AtomicU64>) {
     let cfg = src.client_config("db");
     let done = Arc::new(AtomicU64::new(0));
     let counter = done.clone();
@@ -51,7 +60,7 @@ fn start_writer(
                     break;
                 }
                 counter.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(2)).await;
+                tokio::time::sleep(pause).await;
             }
         }
         op
@@ -325,6 +334,30 @@ async fn target_crashes_lose_only_what_was_never_confirmed() {
     daemon.wait_phase("streaming", TIMEOUT).await;
     for _ in 0..5 {
         wait_progress(&done, 300).await;
+        dst.restart(StopMode::Immediate).await.unwrap();
+    }
+    settle_after_restarts(&src, &dst, &stop, writer, &done, &mut daemon).await;
+}
+
+/// A target configured with `synchronous_commit = off` would make even a commit that waits
+/// return before its flush. The apply session commits with `local` there. The writer pauses
+/// 20 ms between transactions, so the stream goes idle after each one and every group is
+/// such a waiting commit; the WAL writer waits 10 s between rounds, and the target crashes
+/// five times.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_without_synchronous_commit_still_gets_durable_commits() {
+    let (src, dst, _s, _d) = setup_with(
+        1000,
+        &[("wal_writer_delay", "10s"), ("synchronous_commit", "off")],
+    )
+    .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (writer, done) = start_writer_pausing(&src, stop.clone(), Duration::from_millis(20));
+    let job = Job::write("async-target", &src.url("db"), &dst.url("db"), "");
+    let mut daemon = Daemon::start(&job);
+    daemon.wait_phase("streaming", TIMEOUT).await;
+    for _ in 0..5 {
+        wait_progress(&done, 50).await;
         dst.restart(StopMode::Immediate).await.unwrap();
     }
     settle_after_restarts(&src, &dst, &stop, writer, &done, &mut daemon).await;
