@@ -326,17 +326,13 @@ async fn settle_after_restarts(
 /// so the target crashes with seconds of unflushed commits, five times.
 #[tokio::test(flavor = "multi_thread")]
 async fn target_crashes_lose_only_what_was_never_confirmed() {
-    let (src, dst, _s, _d) = setup_with(1000, &[("wal_writer_delay", "10s")]).await;
-    let stop = Arc::new(AtomicBool::new(false));
-    let (writer, done) = start_writer(&src, stop.clone());
-    let job = Job::write("target-crash", &src.url("db"), &dst.url("db"), "");
-    let mut daemon = Daemon::start(&job);
-    daemon.wait_phase("streaming", TIMEOUT).await;
-    for _ in 0..5 {
-        wait_progress(&done, 300).await;
-        dst.restart(StopMode::Immediate).await.unwrap();
-    }
-    settle_after_restarts(&src, &dst, &stop, writer, &done, &mut daemon).await;
+    crash_the_target_five_times(
+        "target-crash",
+        &[("wal_writer_delay", "10s")],
+        Duration::from_millis(2),
+        300,
+    )
+    .await;
 }
 
 /// A target configured with `synchronous_commit = off` would make even a commit that waits
@@ -346,18 +342,32 @@ async fn target_crashes_lose_only_what_was_never_confirmed() {
 /// five times.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_target_without_synchronous_commit_still_gets_durable_commits() {
-    let (src, dst, _s, _d) = setup_with(
-        1000,
+    crash_the_target_five_times(
+        "async-target",
         &[("wal_writer_delay", "10s"), ("synchronous_commit", "off")],
+        Duration::from_millis(20),
+        50,
     )
     .await;
+}
+
+/// Run job `name` against a target with `target_settings` while a writer commits on the
+/// source (pausing `pause` between transactions); crash the target five times, each after
+/// `commits` more writes; then the two sides must be equal.
+async fn crash_the_target_five_times(
+    name: &str,
+    target_settings: &[(&str, &str)],
+    pause: Duration,
+    commits: u64,
+) {
+    let (src, dst, _s, _d) = setup_with(1000, target_settings).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let (writer, done) = start_writer_pausing(&src, stop.clone(), Duration::from_millis(20));
-    let job = Job::write("async-target", &src.url("db"), &dst.url("db"), "");
+    let (writer, done) = start_writer_pausing(&src, stop.clone(), pause);
+    let job = Job::write(name, &src.url("db"), &dst.url("db"), "");
     let mut daemon = Daemon::start(&job);
     daemon.wait_phase("streaming", TIMEOUT).await;
     for _ in 0..5 {
-        wait_progress(&done, 50).await;
+        wait_progress(&done, commits).await;
         dst.restart(StopMode::Immediate).await.unwrap();
     }
     settle_after_restarts(&src, &dst, &stop, writer, &done, &mut daemon).await;
