@@ -489,6 +489,85 @@ async fn the_copy_workers_hold_the_job_lock() {
     assert!(daemon.running(), "{}", daemon.output());
 }
 
+/// A group is sent without waiting for the answer to the one before it, so the daemon can
+/// build the next group meanwhile. It must still never commit a group after one that
+/// failed: that would move the progress past transactions the target never got. Here a
+/// deferred constraint trigger on the target (enabled `ALWAYS`, so it fires for the apply
+/// too) refuses row 8000 at COMMIT: its group fails with the session left ready for more.
+/// No row after it may reach the target, and the rows before its group must all be there.
+#[tokio::test(flavor = "multi_thread")]
+async fn no_group_commits_after_one_that_failed() {
+    let (src, dst, s, d) = setup(0).await;
+    let table = "CREATE TABLE public.seq (id bigint PRIMARY KEY, u bigint NOT NULL);";
+    src.execute("db", table).await.unwrap();
+    dst.execute(
+        "db",
+        &format!(
+            "{table}
+             CREATE FUNCTION refuse_8000() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN
+               IF NEW.id = 8000 THEN RAISE EXCEPTION 'row 8000 refused at commit'; END IF;
+               RETURN NULL;
+             END $$;
+             CREATE CONSTRAINT TRIGGER refuse AFTER INSERT ON seq
+               DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_8000();
+             ALTER TABLE seq ENABLE ALWAYS TRIGGER refuse;"
+        ),
+    )
+    .await
+    .unwrap();
+    let job = Job::write("failed-group", &src.url("db"), &dst.url("db"), "");
+    let mut daemon = Daemon::start(&job);
+    daemon.wait_phase("streaming", TIMEOUT).await;
+    assert_eq!(daemon.terminate(TIMEOUT), Some(0));
+    // A backlog of 20 000 one-row transactions: the restarted daemon reads it in full
+    // groups, each sent while the next is built. (The DO block alone in its query: COMMIT
+    // is refused in a multi-statement one.)
+    s.batch_execute("SET synchronous_commit = off")
+        .await
+        .unwrap();
+    s.batch_execute(
+        "DO $$ BEGIN
+           FOR i IN 1..20000 LOOP
+             INSERT INTO seq VALUES (i, i);
+             COMMIT;
+           END LOOP;
+         END $$;",
+    )
+    .await
+    .unwrap();
+    let mut daemon = Daemon::start(&job);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while daemon.running() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon did not stop on the failed group:\n{}",
+            daemon.output()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let output = daemon.output();
+    assert!(
+        output.contains("row 8000 refused at commit") && output.contains("up to commit LSN"),
+        "the error should say why and name the transactions:\n{output}"
+    );
+    let row = d
+        .query_one("SELECT count(*), coalesce(max(id), 0) FROM seq", &[])
+        .await
+        .unwrap();
+    let (count, max): (i64, i64) = (row.get(0), row.get(1));
+    assert!(
+        max < 8000,
+        "rows after the failed transaction reached the target (max id {max}):\n{output}"
+    );
+    assert_eq!(count, max, "the target lost rows before the failed group");
+    // Groups before the failed one did commit (the daemon pipelines full groups).
+    assert!(
+        max > 0,
+        "no group before the failed one committed:\n{output}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_lost_slot_is_refused_not_recreated() {
     let (src, dst) = tokio::join!(
