@@ -179,6 +179,31 @@ pub fn pg_cause(err: &tokio_postgres::Error) -> String {
 
 /// Whether a tokio-postgres error means "try again later": the connection broke, or the
 /// server is shutting down, starting up or out of connections.
+/// What to do when the server ran out of something (SQLSTATE class 53: disk space,
+/// memory) or failed underneath (class 58: reading or writing a file).
+pub const RESOURCE_HINT: &str = "the server ran out of a resource (disk space, memory) or could not read or write a file; free it or fix the server, then run the job again: it resumes where it stopped";
+
+/// The hint for a failure with SQLSTATE `code` when PostgreSQL gave none: for a server
+/// out of resources (classes 53 and 58) [`RESOURCE_HINT`], else `hint` when `about` says
+/// it is about this code, else none. A hint that guesses the wrong cause is worse than
+/// none.
+pub fn hint_for(code: Option<&str>, about: fn(&str) -> bool, hint: &str) -> Option<String> {
+    let code = code?;
+    if code.starts_with("53") || code.starts_with("58") {
+        Some(RESOURCE_HINT.to_string())
+    } else if about(code) {
+        Some(hint.to_string())
+    } else {
+        None
+    }
+}
+
+/// Whether SQLSTATE `code` is an integrity constraint violation (class 23: unique,
+/// foreign key, not null, check, exclusion).
+pub fn is_constraint_violation(code: &str) -> bool {
+    code.starts_with("23")
+}
+
 pub fn is_transient_pg(err: &tokio_postgres::Error) -> bool {
     if err.is_closed() {
         return true;
@@ -216,5 +241,38 @@ impl std::error::Error for Error {
         self.source
             .as_deref()
             .map(|s| s as &(dyn std::error::Error + 'static))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UNIQUE: &str = "a unique index refused a row";
+
+    #[test]
+    fn a_hint_only_names_the_cause_it_is_about() {
+        // A constraint violation gets the hint about constraints.
+        assert_eq!(
+            hint_for(Some("23505"), is_constraint_violation, UNIQUE).as_deref(),
+            Some(UNIQUE)
+        );
+        // A full disk or a failed file write gets the resource hint, never the guess.
+        for code in ["53100", "53200", "58030"] {
+            assert_eq!(
+                hint_for(Some(code), is_constraint_violation, UNIQUE).as_deref(),
+                Some(RESOURCE_HINT),
+                "{code}"
+            );
+        }
+        // Anything else (an exception raised by a trigger, a type mismatch, no SQLSTATE)
+        // gets no hint rather than a wrong one.
+        for code in [Some("P0001"), Some("22001"), Some("42804"), None] {
+            assert_eq!(
+                hint_for(code, is_constraint_violation, UNIQUE),
+                None,
+                "{code:?}"
+            );
+        }
     }
 }

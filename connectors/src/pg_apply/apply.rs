@@ -800,7 +800,11 @@ impl Applier {
         };
         let mut err = Error::from_pg(&what, "the target", &e);
         if !err.is_transient() && err.hint.is_none() {
-            err.hint = Some("the target differs from the source (a row changed or added behind the job's back?); fix the target row, then run the job again: it resumes at the same transaction".into());
+            err.hint = crate::error::hint_for(
+                e.code().map(|c| c.code()),
+                crate::error::is_constraint_violation,
+                "the target differs from the source (a row changed or added behind the job's back?); fix the target row, then run the job again: it resumes at the same transaction",
+            );
         }
         err
     }

@@ -162,9 +162,14 @@ pub async fn create_target_table(
     );
     if let Err(e) = target.batch_execute(&sql).await {
         let _ = target.batch_execute("ROLLBACK").await;
+        let code = e.code().map(|c| c.code().to_string());
         let mut er = err(&format!("create target table {dst}"), "the target", e);
         if er.hint.is_none() {
-            er.hint = Some("types and functions the table uses (enums, domains, extensions) must exist on the target first".into());
+            er.hint = crate::error::hint_for(
+                code.as_deref(),
+                |c| c.starts_with("42"),
+                "types and functions the table uses (enums, domains, extensions) must exist on the target first",
+            );
         }
         return Err(er);
     }

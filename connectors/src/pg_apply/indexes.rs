@@ -139,9 +139,14 @@ pub async fn restore_indexes_and_mark_done(
         quote_literal(&source_table)
     );
     in_transaction(target, &sql).await.map_err(|e| {
+        let code = e.code().map(|c| c.code().to_string());
         let mut er = err(&format!("recreate the indexes of {}", plan.target_name()), e);
         if er.hint.is_none() {
-            er.hint = Some("the copied rows break a unique index or constraint the target has and the source lacks; fix the target's definition and run the job again".into());
+            er.hint = crate::error::hint_for(
+                code.as_deref(),
+                crate::error::is_constraint_violation,
+                "the copied rows break a unique index or constraint the target has and the source lacks; fix the target's definition and run the job again",
+            );
         }
         er
     })

@@ -76,9 +76,14 @@ pub async fn ensure_state_schema(client: &Client) -> Result<()> {
         ))
         .await
         .map_err(|e| {
+            let code = e.code().map(|c| c.code().to_string());
             let mut er = err("create schema \"cutover\"", e);
             if er.hint.is_none() {
-                er.hint = Some("the target user needs CREATE on the target database, or create schema cutover for it".into());
+                er.hint = crate::error::hint_for(
+                    code.as_deref(),
+                    |c| c == "42501",
+                    "the target user needs CREATE on the target database, or create schema cutover for it",
+                );
             }
             er
         })
