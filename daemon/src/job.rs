@@ -1132,12 +1132,7 @@ async fn stream(
         }
         if stop_deadline.is_some_and(|d| tokio::time::Instant::now() > d) {
             // A source transaction is still arriving; what the target holds is
-            // consistent and confirmed (once a group in flight is answered), the rest will
-            // be streamed again.
-            if let Some(p) = st.applier.flush().await? {
-                st.confirm(p.end_lsn);
-            }
-            st.stream.shutdown(Duration::from_secs(10)).await;
+            // consistent and confirmed, the rest will be streamed again.
             tracing::warn!(
                 "stopping in the middle of a source transaction; it will be applied on the next run"
             );
@@ -1150,14 +1145,6 @@ async fn stream(
         } else {
             Duration::from_secs(1)
         };
-        // A group in flight and nothing waiting to be read: the target is the slower
-        // side. Wait for it rather than take events one by one as they arrive.
-        if st.applier.in_flight()
-            && st.stream.drained()
-            && let Some(p) = st.applier.wait_in_flight().await?
-        {
-            st.confirm(p.end_lsn);
-        }
         let event = tokio::select! {
             biased;
             _ = shutdown.wait_for(|s| *s), if !stopping => {
