@@ -490,9 +490,9 @@ async fn the_copy_workers_hold_the_job_lock() {
 }
 
 /// A group that fails must stop every later one: a later group committed after it would
-/// move the progress past transactions the target never got. (An apply that sends the
-/// next group before the answer to the one before it comes back must keep this; session
-/// 9 tried one, see docs/benchmarks.md.) Here a
+/// move the progress past transactions the target never got. The apply builds the next
+/// group while the target runs a full one (in jobs without mapped tables, like this one),
+/// and sends it only once that answer has come back. Here a
 /// deferred constraint trigger on the target (enabled `ALWAYS`, so it fires for the apply
 /// too) refuses row 8000 at COMMIT: its group fails with the session left ready for more.
 /// No row after it may reach the target, and the rows before its group must all be there.
@@ -522,8 +522,8 @@ async fn no_group_commits_after_one_that_failed() {
     daemon.wait_phase("streaming", TIMEOUT).await;
     assert_eq!(daemon.terminate(TIMEOUT), Some(0));
     // A backlog of 20 000 one-row transactions: the restarted daemon reads it in full
-    // groups, one after the other. (The DO block alone in its query: COMMIT is refused in
-    // a multi-statement one.)
+    // groups, each built while the one before it runs. (The DO block alone in its query:
+    // COMMIT is refused in a multi-statement one.)
     s.batch_execute("SET synchronous_commit = off")
         .await
         .unwrap();

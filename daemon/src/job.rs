@@ -1080,6 +1080,7 @@ async fn stream(
         replica_role,
     );
     applier.prepare_commits().await?;
+    applier.overlap_groups(!plans.iter().any(|p| p.evaluated()));
     let base = {
         let s = ctx.status.snapshot();
         (s.applied_transactions, s.applied_rows)
@@ -1132,7 +1133,12 @@ async fn stream(
         }
         if stop_deadline.is_some_and(|d| tokio::time::Instant::now() > d) {
             // A source transaction is still arriving; what the target holds is
-            // consistent and confirmed, the rest will be streamed again.
+            // consistent and confirmed (once a group in flight is answered), the rest will
+            // be streamed again.
+            if let Some(p) = st.applier.flush().await? {
+                st.confirm(p.end_lsn);
+            }
+            st.stream.shutdown(Duration::from_secs(10)).await;
             tracing::warn!(
                 "stopping in the middle of a source transaction; it will be applied on the next run"
             );
@@ -1145,6 +1151,14 @@ async fn stream(
         } else {
             Duration::from_secs(1)
         };
+        // A group in flight and nothing waiting to be read: the target is the slower
+        // side. Wait for it rather than take events one by one as they arrive.
+        if st.applier.in_flight()
+            && st.stream.drained()
+            && let Some(p) = st.applier.wait_in_flight().await?
+        {
+            st.confirm(p.end_lsn);
+        }
         let event = tokio::select! {
             biased;
             _ = shutdown.wait_for(|s| *s), if !stopping => {

@@ -358,6 +358,11 @@ impl ReplicationStream {
         }
     }
 
+    /// Whether every event read from the socket so far has been handed out.
+    pub fn drained(&self) -> bool {
+        self.inner.drained() && self.destream.as_ref().is_none_or(|d| !d.replaying())
+    }
+
     /// Streamed transactions received in part, not committed or aborted yet.
     pub fn streamed_in_progress(&self) -> usize {
         self.destream

@@ -1233,6 +1233,11 @@ impl Stream {
         }
     }
 
+    /// Whether every event read so far has been handed out (the consumer is ahead).
+    pub fn drained(&self) -> bool {
+        self.batch.len() == 0 && self.rx.is_empty()
+    }
+
     /// Raise the confirmed LSN (never lowers it).
     pub fn confirm(&self, lsn: Lsn) {
         if self.shared.confirmed.fetch_max(lsn.0, Ordering::AcqRel) < lsn.0 {
