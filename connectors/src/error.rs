@@ -177,8 +177,6 @@ pub fn pg_cause(err: &tokio_postgres::Error) -> String {
     text.to_lowercase()
 }
 
-/// Whether a tokio-postgres error means "try again later": the connection broke, or the
-/// server is shutting down, starting up or out of connections.
 /// What to do when the server ran out of something (SQLSTATE class 53: disk space,
 /// memory) or failed underneath (class 58: reading or writing a file).
 pub const RESOURCE_HINT: &str = "the server ran out of a resource (disk space, memory) or could not read or write a file; free it or fix the server, then run the job again: it resumes where it stopped";
@@ -204,6 +202,8 @@ pub fn is_constraint_violation(code: &str) -> bool {
     code.starts_with("23")
 }
 
+/// Whether a tokio-postgres error means "try again later": the connection broke, or the
+/// server is shutting down, starting up or out of connections.
 pub fn is_transient_pg(err: &tokio_postgres::Error) -> bool {
     if err.is_closed() {
         return true;

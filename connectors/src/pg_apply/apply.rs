@@ -1592,9 +1592,10 @@ impl Applier {
     /// nothing: the source streams the lost groups again.
     ///
     /// Without `sync`, and with [`Applier::overlap_groups`] on, the answer is not waited
-    /// for either: the next group is built while the target runs this one, and sent (like anything else) only once this one has
-    /// committed, so a group never commits after one that failed. With `sync` the answer
-    /// is waited for. What became durable is handed out by the next `commit` or `flush`.
+    /// for either: the next group is built while the target runs this one, and sent (like
+    /// anything else) only once this one has committed, so a group never commits after one
+    /// that failed. Otherwise the answer is waited for. What became durable is handed out
+    /// by the next `commit` or `flush`.
     async fn flush_group(&mut self, sync: bool) -> Result<()> {
         let Some(last) = self.last_in_group else {
             // BEGIN buffered but no source transaction finished: nothing to commit yet.
