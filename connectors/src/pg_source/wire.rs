@@ -58,20 +58,20 @@ pub const MAX_FRAME: usize = (1 << 30) + 64 * 1024;
 /// How often a standby status update is sent while streaming.
 pub const STATUS_INTERVAL: Duration = Duration::from_millis(250);
 
-/// How many events may wait for the consumer before the task stops reading a TCP socket.
-/// The kernel's TCP buffers (megabytes) hold the rest, so the server goes on decoding while
-/// the apply waits for the target; and once they fill, the server's sends coalesce into
-/// large segments, which costs both sides far less than a segment per message (measured:
-/// with a 64 Ki buffer here a consumer-bound job used 2.1× the CPU in the daemon and 1.7×
-/// in the source).
-pub const CHANNEL_CAPACITY: usize = 1024;
-
-/// How many events may wait for the consumer before the task stops reading a unix
-/// socket. A unix socket holds only a few hundred small messages: without room here, the
-/// server blocks whenever the apply waits for the target, and decoding and applying never
-/// overlap (measured: a mapped job took 1.72× native apply's time with 1024, 1.10× with
-/// this).
-pub const UNIX_CHANNEL_CAPACITY: usize = 64 * 1024;
+/// How many events may wait for the consumer before the task stops reading.
+///
+/// Enough for the consumer to read a whole group ahead while the target runs the one
+/// before: with 1024, the stream stopped a few hundred transactions ahead, and the daemon
+/// sat idle while the target ran a group. A unix socket holds only a few hundred small
+/// messages, so there the server also blocked whenever the apply waited for the target
+/// (measured: a mapped job took 1.72× native apply's time with 1024, 1.10× with this).
+///
+/// On TCP, a task that reads every message as it arrives makes the server send a segment
+/// per message, which costs both sides far more than large segments. There the reads are
+/// spaced by [`READ_INTERVAL`] (measured: with this capacity and no interval, a catch-up
+/// cost the daemon 18.8 ms of CPU per 1000 transactions and 530 context switches; with the
+/// interval 9-12 ms and 50-90).
+pub const CHANNEL_CAPACITY: usize = 64 * 1024;
 
 /// How many bytes of events may wait for the consumer before the task stops reading.
 /// With the event count this bounds the memory between the socket and the consumer,
@@ -146,6 +146,18 @@ const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 /// Read at least this much at a time.
 const READ_CHUNK: usize = 64 * 1024;
+
+/// At most this much read from the socket in one go, with a read interval (then parsed and
+/// handed over before reading on).
+const READ_BURST: usize = 4 * 1024 * 1024;
+
+/// On TCP, the least time between two reads while data keeps coming
+/// ([`StreamConfig::read_interval`]). In between, the server's sends pile up in the
+/// socket's buffers and leave as large segments. Measured on a pgbench backlog of 55 k
+/// transactions (docs/benchmarks.md, session 10): 22-29 k segments when reading at once,
+/// 3-14 k with 20 ms; a 5 ms interval was too short to gather anything (the server sent
+/// 166 k segments for 43 k transactions with 2 ms).
+pub const READ_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 00:00:00 UTC).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
@@ -1097,6 +1109,9 @@ pub struct StreamConfig {
     pub buffer_bytes: usize,
     /// Time between standby status updates.
     pub status_interval: Duration,
+    /// Least time between two reads of the socket while data keeps coming (zero: read
+    /// each message as it arrives). Data arriving after a quiet period is read at once.
+    pub read_interval: Duration,
 }
 
 impl StreamConfig {
@@ -1104,7 +1119,7 @@ impl StreamConfig {
     pub fn for_host(host: &str) -> Self {
         if is_socket_dir(host) {
             Self {
-                capacity: UNIX_CHANNEL_CAPACITY,
+                read_interval: Duration::ZERO,
                 ..Self::default()
             }
         } else {
@@ -1119,6 +1134,7 @@ impl Default for StreamConfig {
             capacity: CHANNEL_CAPACITY,
             buffer_bytes: BUFFER_BYTES,
             status_interval: STATUS_INTERVAL,
+            read_interval: READ_INTERVAL,
         }
     }
 }
@@ -1194,6 +1210,8 @@ impl Stream {
             buffer_bytes,
             stop: stop_rx,
             status_interval: config.status_interval,
+            read_interval: config.read_interval,
+            next_read: None,
         };
         let task = tokio::spawn(worker.run());
         Stream {
@@ -1312,6 +1330,9 @@ struct Worker {
     buffer_bytes: usize,
     stop: mpsc::Receiver<Duration>,
     status_interval: Duration,
+    read_interval: Duration,
+    /// Set when a read left the socket empty: no read before this.
+    next_read: Option<tokio::time::Instant>,
 }
 
 impl Worker {
@@ -1426,6 +1447,8 @@ impl Worker {
             if pending.is_none() {
                 reserve_for_read(&mut self.rbuf);
             }
+            let next_read = self.next_read.filter(|_| pending.is_none());
+            let can_read = pending.is_none() && next_read.is_none();
             let (budget, slots) = (Arc::clone(&self.budget), Arc::clone(&self.slots));
             // Room for the waiting batch: its bytes and events, then a place in the channel
             // (the waits give back what they hold when the select drops them).
@@ -1456,11 +1479,39 @@ impl Worker {
                     ((_, Err(_)) | (Err(_), _), _) => return Ok(Ended::Stop(Duration::ZERO)),
                     (_, None) => {}
                 },
-                n = self.reader.read_buf(&mut self.rbuf), if pending.is_none() => {
+                _ = tokio::time::sleep_until(next_read.unwrap_or_else(tokio::time::Instant::now)), if next_read.is_some() => {
+                    self.next_read = None;
+                }
+                n = self.reader.read_buf(&mut self.rbuf), if can_read => {
                     if n? == 0 {
                         return Err(WireError::Closed);
                     }
+                    self.read_more();
                 }
+            }
+        }
+    }
+
+    /// After a read, with a read interval: read on what the socket holds, up to
+    /// [`READ_BURST`]. Once it is empty, the next read waits for the interval, so the
+    /// server's sends fill the socket's buffers and coalesce, where reading each message as
+    /// it arrives costs the server a TCP segment per message.
+    fn read_more(&mut self) {
+        if self.read_interval.is_zero() {
+            return;
+        }
+        while self.rbuf.len() < READ_BURST {
+            reserve_for_read(&mut self.rbuf);
+            match futures_util::FutureExt::now_or_never(self.reader.read_buf(&mut self.rbuf)) {
+                Some(Ok(n)) if n > 0 => {}
+                // The socket is empty: wait before the next read.
+                None => {
+                    self.next_read = Some(tokio::time::Instant::now() + self.read_interval);
+                    return;
+                }
+                // The end of the stream or an error: the next read reports it, once what
+                // was read before it (a CopyDone, say) is handed over.
+                Some(_) => return,
             }
         }
     }
@@ -2043,6 +2094,7 @@ mod tests {
             capacity: 16,
             buffer_bytes: BUFFER_BYTES,
             status_interval: Duration::from_secs(3600),
+            read_interval: Duration::ZERO,
         };
         let (stream, mut server) = started(config, b"").await;
         let (tag, body) = read_frontend(&mut server).await;
@@ -2118,6 +2170,49 @@ mod tests {
             .unwrap();
     }
 
+    /// The WAL start of the next event, an XLogData (waiting 10 s at most).
+    async fn next_start(stream: &mut Stream) -> u64 {
+        let next = tokio::time::timeout(Duration::from_secs(10), stream.recv());
+        match next.await.expect("no event in 10 s").unwrap() {
+            Some(RawEvent::XLogData { wal_start, .. }) => wal_start.0,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn reads_are_spaced_while_data_comes_and_a_quiet_stream_is_read_at_once() {
+        let interval = Duration::from_millis(1500);
+        let config = StreamConfig {
+            status_interval: Duration::from_secs(3600),
+            read_interval: interval,
+            ..StreamConfig::default()
+        };
+        let (mut stream, server) = started(config, b"").await;
+        let (_rd, mut wr) = tokio::io::split(server);
+        // After a quiet start, the first message is read as it arrives.
+        wr.write_all(&xlog(1, 1, b"a")).await.unwrap();
+        let t = std::time::Instant::now();
+        assert_eq!(next_start(&mut stream).await, 1);
+        assert!(t.elapsed() < interval / 2, "{:?}", t.elapsed());
+        // The socket was read empty: what comes next waits for the interval, and then
+        // everything written in the meantime comes in one read.
+        let read = std::time::Instant::now();
+        for i in 2..=4 {
+            wr.write_all(&xlog(i, i, b"b")).await.unwrap();
+        }
+        assert_eq!(next_start(&mut stream).await, 2);
+        assert!(read.elapsed() >= interval * 9 / 10, "{:?}", read.elapsed());
+        assert_eq!(next_start(&mut stream).await, 3);
+        assert_eq!(next_start(&mut stream).await, 4);
+        assert!(stream.drained());
+        // Quiet for longer than the interval: read at once again.
+        tokio::time::sleep(interval + Duration::from_millis(100)).await;
+        wr.write_all(&xlog(5, 5, b"c")).await.unwrap();
+        let t = std::time::Instant::now();
+        assert_eq!(next_start(&mut stream).await, 5);
+        assert!(t.elapsed() < interval / 2, "{:?}", t.elapsed());
+    }
+
     #[tokio::test]
     async fn the_byte_budget_holds_reading_back_and_lets_large_events_through() {
         // Room for half an event: each event waits alone, however many the channel holds.
@@ -2125,6 +2220,7 @@ mod tests {
             capacity: CHANNEL_CAPACITY,
             buffer_bytes: 512,
             status_interval: Duration::from_secs(3600),
+            read_interval: Duration::ZERO,
         };
         let (mut stream, server) = started(config, b"").await;
         // 2000 events of 1000 bytes: 2 MB, far more than the pipe and one read hold.
@@ -2161,6 +2257,7 @@ mod tests {
             capacity: 2,
             buffer_bytes: BUFFER_BYTES,
             status_interval: Duration::from_millis(20),
+            read_interval: Duration::ZERO,
         };
         let (stream, server) = started(config, b"").await;
         stream.confirm(Lsn(0x200));
