@@ -466,12 +466,9 @@ impl Applier {
     /// Add a changed key of `table` to the open group's (`None`: the table changed in a
     /// way keys cannot name).
     fn note_touched(&mut self, table: &TableName, key: Option<Vec<String>>) {
-        if !self.group_touched.contains_key(table) {
-            self.group_touched
-                .insert(table.clone(), TouchedKeys::default());
-        }
-        let Some(t) = self.group_touched.get_mut(table) else {
-            return;
+        let t = match self.group_touched.get_mut(table) {
+            Some(t) => t,
+            None => self.group_touched.entry(table.clone()).or_default(),
         };
         match key {
             Some(k) if !t.overflow && t.keys.len() < MAX_TOUCHED_PER_TABLE => {
@@ -976,14 +973,17 @@ impl Applier {
         if self.foldable(&plan) {
             let row = Self::image(&plan, &idx, &upd.new)?;
             let new_key = Self::key_of(&plan, &row);
-            let old_key = match upd.old.as_ref() {
-                Some(old) => Self::key_of(&plan, &Self::image(&plan, &idx, old.tuple())?),
-                None => Self::key_of(&plan, &row),
+            // Without an old row the key did not change.
+            let same_key = match (&new_key, upd.old.as_ref()) {
+                (Err(_), _) => false,
+                (Ok(_), None) => true,
+                (Ok((nk, _)), Some(old)) => {
+                    Self::key_of(&plan, &Self::image(&plan, &idx, old.tuple())?)
+                        .is_ok_and(|(ok, _)| ok == *nk)
+                }
             };
             // A key change (or a key without a value) goes the ordered way.
-            if let (Ok((nk, nkv)), Ok((ok, _))) = (new_key, old_key)
-                && nk == ok
-            {
+            if same_key && let Ok((nk, nkv)) = new_key {
                 let queue = self.queue(upd.oid, &plan);
                 if queue.update(nk, nkv, row).is_ok() {
                     self.group_rows += 1;

@@ -15,6 +15,7 @@
 //! replica`). The applier uses net changes only under those conditions, and the plain
 //! ordered path otherwise.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 
 use crate::pg_source::decode::ColumnValue;
@@ -75,18 +76,13 @@ fn size(values: &[ColumnValue]) -> usize {
         + 64
 }
 
-/// `new` over `old`: unchanged-TOAST columns of `new` keep `old`'s value.
-fn merge(old: &[ColumnValue], new: Vec<ColumnValue>) -> Vec<ColumnValue> {
-    new.into_iter()
-        .zip(old.iter())
-        .map(|(n, o)| {
-            if matches!(n, ColumnValue::UnchangedToast) {
-                o.clone()
-            } else {
-                n
-            }
-        })
-        .collect()
+/// `new` over `old`, in place: unchanged-TOAST columns of `new` keep `old`'s value.
+fn merge(old: &mut [ColumnValue], new: Vec<ColumnValue>) {
+    for (o, n) in old.iter_mut().zip(new) {
+        if !matches!(n, ColumnValue::UnchangedToast) {
+            *o = n;
+        }
+    }
 }
 
 fn complete(values: &[ColumnValue]) -> bool {
@@ -115,20 +111,20 @@ impl TableQueue {
             return Err(NotFoldable);
         }
         let added = size(&row) + key.len();
-        let op = match self.rows.remove(&key) {
-            None => NetOp::Insert(row),
+        match self.rows.entry(key) {
+            Entry::Vacant(e) => {
+                e.insert((key_values, NetOp::Insert(row)));
+            }
             // Deleted earlier in this transaction (or the row was there before and deleted):
             // delete-then-insert covers both.
-            Some((_, NetOp::Delete)) => NetOp::Replace(row),
+            Entry::Occupied(mut e) if matches!(e.get().1, NetOp::Delete) => {
+                *e.get_mut() = (key_values, NetOp::Replace(row));
+            }
             // An insert of a key that exists cannot have succeeded on the source; keep the
             // order-preserving path for whatever this is.
-            Some(other) => {
-                self.rows.insert(key, other);
-                return Err(NotFoldable);
-            }
-        };
+            Entry::Occupied(_) => return Err(NotFoldable),
+        }
         self.account(added);
-        self.rows.insert(key, (key_values, op));
         Ok(())
     }
 
@@ -140,29 +136,36 @@ impl TableQueue {
         row: Vec<ColumnValue>,
     ) -> Result<(), NotFoldable> {
         let added = size(&row) + key.len();
-        let op = match self.rows.remove(&key) {
-            None => NetOp::Update(row),
-            Some((_, NetOp::Insert(old))) => NetOp::Insert(merge(&old, row)),
-            Some((_, NetOp::Update(old))) => NetOp::Update(merge(&old, row)),
-            Some((_, NetOp::Replace(old))) => NetOp::Replace(merge(&old, row)),
-            Some(other @ (_, NetOp::Delete)) => {
-                self.rows.insert(key, other);
-                return Err(NotFoldable);
+        match self.rows.entry(key) {
+            Entry::Vacant(e) => {
+                e.insert((key_values, NetOp::Update(row)));
             }
-        };
+            Entry::Occupied(mut e) => {
+                let (values, op) = e.get_mut();
+                match op {
+                    NetOp::Insert(old) | NetOp::Update(old) | NetOp::Replace(old) => {
+                        merge(old, row);
+                    }
+                    NetOp::Delete => return Err(NotFoldable),
+                }
+                *values = key_values;
+            }
+        }
         self.account(added);
-        self.rows.insert(key, (key_values, op));
         Ok(())
     }
 
     /// A deleted row.
     pub fn delete(&mut self, key: Vec<u8>, key_values: Vec<ColumnValue>) {
         self.account(key.len() + 64);
-        match self.rows.remove(&key) {
+        match self.rows.entry(key) {
             // Inserted within this transaction: as if it never was.
-            Some((_, NetOp::Insert(_))) => {}
-            _ => {
-                self.rows.insert(key, (key_values, NetOp::Delete));
+            Entry::Occupied(e) if matches!(e.get().1, NetOp::Insert(_)) => {
+                e.remove();
+            }
+            Entry::Occupied(mut e) => *e.get_mut() = (key_values, NetOp::Delete),
+            Entry::Vacant(e) => {
+                e.insert((key_values, NetOp::Delete));
             }
         }
     }
