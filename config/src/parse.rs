@@ -47,6 +47,7 @@ const DEFAULT_DATA_DIR: &str = "./cutover-data";
 const DEFAULT_SOURCE_TABLES: &str = "public.*";
 const DEFAULT_PARALLELISM: usize = 4;
 const MAX_PARALLELISM: i64 = 64;
+const DEFAULT_APPLY_SESSIONS: usize = 2;
 const DEFAULT_VERIFY_EVERY: Duration = Duration::from_secs(10 * 60);
 const DEFAULT_VERIFY_SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(2 * 60);
 const MIN_VERIFY_SNAPSHOT_MAX_AGE: Duration = Duration::from_secs(1);
@@ -84,7 +85,13 @@ const KEYS: &[(&str, &[&str])] = &[
     ("source", &["url", "password_env", "tables"]),
     (
         "target",
-        &["url", "password_env", "schema", "create_tables"],
+        &[
+            "url",
+            "password_env",
+            "schema",
+            "create_tables",
+            "apply_sessions",
+        ],
     ),
     ("table", &["source", "target", "columns", "where"]),
     (
@@ -132,6 +139,7 @@ struct RawTarget {
     password_env: Option<Value>,
     schema: Option<Value>,
     create_tables: Option<Value>,
+    apply_sessions: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -565,6 +573,10 @@ impl Ctx<'_> {
                 }
             },
         };
+        let apply_sessions = match &tgt.apply_sessions {
+            None => DEFAULT_APPLY_SESSIONS,
+            Some(v) => self.int_in(v, "[target] apply_sessions", 1, 2, DEFAULT_APPLY_SESSIONS)?,
+        };
 
         let tables = self.tables(
             raw.table.as_deref().unwrap_or_default(),
@@ -654,6 +666,7 @@ impl Ctx<'_> {
                 conn: target_conn,
                 schema: target_schema,
                 create_tables,
+                apply_sessions,
             },
             tables,
             snapshot,
@@ -663,6 +676,45 @@ impl Ctx<'_> {
             api,
             data_dir,
         })
+    }
+
+    /// An integer from `min` to `max` (`what` is `[section] key`), with a hint for what was
+    /// written instead.
+    fn int_in(
+        &self,
+        v: &Value,
+        what: &str,
+        min: i64,
+        max: i64,
+        default: usize,
+    ) -> Result<usize, ConfigError> {
+        let key = what.rsplit(' ').next().unwrap_or(what);
+        let other = match v.get_ref() {
+            toml::Value::Integer(n) if (min..=max).contains(n) => {
+                return Ok(usize::try_from(*n).unwrap_or(default));
+            }
+            other => other,
+        };
+        let hint = match other {
+            toml::Value::Integer(n) if *n > max => format!("write {key} = {max} or less"),
+            toml::Value::Integer(_) => format!("write {key} = {min} or more"),
+            toml::Value::String(s)
+                if s.trim()
+                    .parse::<i64>()
+                    .is_ok_and(|n| (min..=max).contains(&n)) =>
+            {
+                format!("write {key} = {} without quotes", s.trim())
+            }
+            _ => format!("write {key} = {default}"),
+        };
+        Err(self.err(
+            &v.span(),
+            format!(
+                "{what} must be an integer from {min} to {max}, not {}",
+                describe(other)
+            ),
+            Some(hint),
+        ))
     }
 
     fn name(&self, value: Option<&Value>) -> Result<String, ConfigError> {
@@ -1031,35 +1083,13 @@ impl Ctx<'_> {
         };
         let parallelism = match &raw.parallelism {
             None => DEFAULT_PARALLELISM,
-            Some(v) => match v.get_ref() {
-                toml::Value::Integer(n) if (1..=MAX_PARALLELISM).contains(n) => {
-                    usize::try_from(*n).unwrap_or(DEFAULT_PARALLELISM)
-                }
-                other => {
-                    let hint = match other {
-                        toml::Value::Integer(n) if *n > MAX_PARALLELISM => {
-                            format!("write parallelism = {MAX_PARALLELISM} or less")
-                        }
-                        toml::Value::Integer(_) => "write parallelism = 1 or more".to_owned(),
-                        toml::Value::String(s)
-                            if s.trim()
-                                .parse::<i64>()
-                                .is_ok_and(|n| (1..=MAX_PARALLELISM).contains(&n)) =>
-                        {
-                            format!("write parallelism = {} without quotes", s.trim())
-                        }
-                        _ => format!("write parallelism = {DEFAULT_PARALLELISM}"),
-                    };
-                    return Err(self.err(
-                        &v.span(),
-                        format!(
-                            "[snapshot] parallelism must be an integer from 1 to {MAX_PARALLELISM}, not {}",
-                            describe(other)
-                        ),
-                        Some(hint),
-                    ));
-                }
-            },
+            Some(v) => self.int_in(
+                v,
+                "[snapshot] parallelism",
+                1,
+                MAX_PARALLELISM,
+                DEFAULT_PARALLELISM,
+            )?,
         };
         let slot_wait = self.duration_or(
             raw.slot_wait.as_ref(),

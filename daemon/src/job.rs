@@ -757,6 +757,37 @@ async fn prepare_target_session(client: &tokio_postgres::Client) -> bool {
     }
 }
 
+/// Give the applier its second target session (groups overlap on the two, see
+/// `Applier::add_session`), unless a target table has a trigger or rule that fires in
+/// replica mode.
+async fn second_apply_session(
+    ctx: &JobContext,
+    applier: &mut Applier,
+    plans: &[Arc<TablePlan>],
+) -> Result<()> {
+    let control = applier.client();
+    let oids: Vec<u32> = plans.iter().map(|p| p.target.oid).collect();
+    let fired = pg_apply::fires_in_replica(control, &oids).await?;
+    if !fired.is_empty() {
+        tracing::info!(
+            tables = %fired.join(", "),
+            "target tables have triggers or rules that fire for replicated rows; groups are applied one at a time"
+        );
+        return Ok(());
+    }
+    let client = pg_conn::connect(&ctx.target, &ctx.app_name("apply")).await?;
+    pg_apply::join_job_lock(&client, &ctx.spec.name).await?;
+    if !prepare_target_session(&client).await {
+        return Ok(());
+    }
+    applier.add_session(client).await
+}
+
+/// How long the stream waits for the group in flight, with nothing read to apply, before
+/// it goes on reading (with a second target session): about the time the socket is read
+/// in while data keeps coming.
+const IN_FLIGHT_PAUSE: Duration = Duration::from_millis(20);
+
 /// Events read from the stream at once (those that have arrived) before they are mapped
 /// and applied.
 const BATCH_EVENTS: usize = 2000;
@@ -1079,8 +1110,12 @@ async fn stream(
         GroupLimits::default(),
         replica_role,
     );
+    let overlap = !plans.iter().any(|p| p.evaluated());
+    if overlap && replica_role && spec.target.apply_sessions > 1 {
+        second_apply_session(ctx, &mut applier, &plans).await?;
+    }
     applier.prepare_commits().await?;
-    applier.overlap_groups(!plans.iter().any(|p| p.evaluated()));
+    applier.overlap_groups(overlap);
     let base = {
         let s = ctx.status.snapshot();
         (s.applied_transactions, s.applied_rows)
@@ -1152,12 +1187,18 @@ async fn stream(
             Duration::from_secs(1)
         };
         // A group in flight and nothing waiting to be read: the target is the slower
-        // side. Wait for it rather than take events one by one as they arrive.
-        if st.applier.in_flight()
-            && st.stream.drained()
-            && let Some(p) = st.applier.wait_in_flight().await?
-        {
-            st.confirm(p.end_lsn);
+        // side. Wait for it rather than take events one by one as they arrive; with a
+        // second target session only for a moment, so that the next group is still built
+        // meanwhile (its early part goes ahead beside this one).
+        if st.applier.in_flight() && st.stream.drained() {
+            let answered = if st.applier.has_second_session() {
+                st.applier.wait_in_flight_at_most(IN_FLIGHT_PAUSE).await?
+            } else {
+                st.applier.wait_in_flight().await?
+            };
+            if let Some(p) = answered {
+                st.confirm(p.end_lsn);
+            }
         }
         let event = tokio::select! {
             biased;
@@ -1175,9 +1216,19 @@ async fn stream(
         let event = match event {
             Err(_elapsed) => {
                 st.steps(std::mem::take(&mut ready)).await?;
-                if !st.applier.in_transaction()
-                    && let Some(p) = st.applier.flush().await?
-                {
+                if st.applier.in_transaction() {
+                    continue;
+                }
+                // With a second target session and a group in flight, a pause in the
+                // stream may only be the time between two reads of the socket: wait for
+                // the group a moment, and commit the open one once it has answered (until
+                // then it may still fill up and go ahead beside it).
+                let answered = if st.applier.in_flight() && st.applier.has_second_session() {
+                    st.applier.wait_in_flight_at_most(IN_FLIGHT_PAUSE).await?
+                } else {
+                    st.applier.flush().await?
+                };
+                if let Some(p) = answered {
                     st.confirm(p.end_lsn);
                 }
                 continue;

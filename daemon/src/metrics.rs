@@ -27,6 +27,12 @@ pub const LAG_SECONDS: &str = "cutover_lag_seconds";
 pub const APPLIED_TRANSACTIONS_TOTAL: &str = "cutover_applied_transactions_total";
 /// Counter: row changes (insert, update, delete) applied on the target.
 pub const APPLIED_ROWS_TOTAL: &str = "cutover_applied_rows_total";
+/// Counter: target transactions (groups) whose early part was sent on the second apply
+/// session while the group before still ran.
+pub const APPLY_PIPELINED_GROUPS_TOTAL: &str = "cutover_apply_pipelined_groups_total";
+/// Counter: early parts rolled back and sent again after the group before committed (it
+/// waited for a lock, or the early part failed).
+pub const APPLY_PIPELINE_RESTARTS_TOTAL: &str = "cutover_apply_pipeline_restarts_total";
 /// Counter: rows copied by the initial snapshot.
 pub const SNAPSHOT_ROWS_TOTAL: &str = "cutover_snapshot_rows_total";
 /// Counter: bytes copied by the initial snapshot.
@@ -53,9 +59,11 @@ pub const VERIFY_REVERIFY_QUEUE: &str = "cutover_verify_reverify_queue";
 
 /// Every counter, so [`install`] can register them at zero (absent and zero differ in
 /// PromQL: `rate()` over a counter that appears late misses its first increments).
-pub const COUNTERS: [&str; 9] = [
+pub const COUNTERS: [&str; 11] = [
     APPLIED_TRANSACTIONS_TOTAL,
     APPLIED_ROWS_TOTAL,
+    APPLY_PIPELINED_GROUPS_TOTAL,
+    APPLY_PIPELINE_RESTARTS_TOTAL,
     SNAPSHOT_ROWS_TOTAL,
     SNAPSHOT_BYTES_TOTAL,
     SOURCE_RECONNECTS_TOTAL,
@@ -113,6 +121,16 @@ pub fn describe_all() {
         APPLIED_TRANSACTIONS_TOTAL,
         Unit::Count,
         "Source transactions committed on the target."
+    );
+    describe_counter!(
+        APPLY_PIPELINED_GROUPS_TOTAL,
+        Unit::Count,
+        "Groups whose early part ran on the second apply session beside the group before."
+    );
+    describe_counter!(
+        APPLY_PIPELINE_RESTARTS_TOTAL,
+        Unit::Count,
+        "Early parts rolled back and sent again after the group before committed."
     );
     describe_counter!(
         APPLIED_ROWS_TOTAL,

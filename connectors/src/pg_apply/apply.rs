@@ -62,6 +62,85 @@ pub struct ApplyStats {
     pub transactions: u64,
     /// Row changes committed on the target.
     pub rows: u64,
+    /// Groups that began on the second session while the one before was still running.
+    pub pipelined_groups: u64,
+    /// Of those, groups whose early part was rolled back and sent again after the group
+    /// before committed (the group before waited for a lock, or the early part failed).
+    pub pipeline_restarts: u64,
+}
+
+/// The statements that open every group's target transaction.
+const GROUP_BEGIN: &str = "BEGIN; SET CONSTRAINTS ALL DEFERRED;";
+
+/// SQL a group sends ahead on the second session at most, about (checked between tables;
+/// what was sent is kept, to be sent again if the early part is rolled back).
+const MAX_AHEAD_BYTES: usize = 8 << 20;
+
+/// Keys a group's footprint keeps at most; past them, a table counts as changed in full
+/// (nothing of it goes ahead in the next group), so a transaction of any size costs a
+/// bounded amount of memory here.
+const MAX_FOOTPRINT_KEYS: usize = 200_000;
+
+/// How often the group in flight is checked for a wait on a lock once the next group's
+/// early part is done (if it waits, it might wait for the early part through a third
+/// session's lock request queued between them, which no deadlock detector sees: the early
+/// part is rolled back).
+const AHEAD_STALL: Duration = Duration::from_secs(1);
+
+/// A target session the groups alternate on, with the statements prepared on it.
+struct Lane {
+    client: Client,
+    /// Its backend's process ID.
+    pid: i32,
+    prepared: FastMap<StatementKey, String>,
+}
+
+/// What a group changed, per source relation: the keys of its net changes, and whether
+/// anything else touched the table (ordered statements, DDL). A group's early part leaves
+/// out whatever the group before touched (see [`Applier::send_ahead`]).
+#[derive(Default)]
+struct Footprint {
+    tables: FastMap<u32, TableFootprint>,
+    /// Keys kept, over all tables (at most [`MAX_FOOTPRINT_KEYS`]).
+    keys: usize,
+    /// A TRUNCATE (which may cascade to other tables): no early part beside it.
+    barrier: bool,
+}
+
+#[derive(Default)]
+struct TableFootprint {
+    keys: FastSet<Vec<u8>>,
+    ordered: bool,
+    /// Net changes of the table were written out before the group's end (a Relation
+    /// message, a pause, a full queue): later ones of the same keys must follow them, so
+    /// none of the table's changes go ahead in this group.
+    written_early: bool,
+}
+
+impl Footprint {
+    fn ordered(&self, oid: u32) -> bool {
+        self.tables.get(&oid).is_some_and(|t| t.ordered)
+    }
+
+    /// The table's queued changes may not go ahead of what this group wrote before them.
+    fn in_order(&self, oid: u32) -> bool {
+        self.tables
+            .get(&oid)
+            .is_some_and(|t| t.ordered || t.written_early)
+    }
+}
+
+/// The early part of the open group: sent on its session while the group before runs on
+/// the other, its answers not read yet.
+#[derive(Default)]
+struct Ahead {
+    answers: VecDeque<std::pin::Pin<Box<SimpleQueryStream>>>,
+    /// What was sent, to send again if the early part is rolled back.
+    sent: Vec<String>,
+    bytes: usize,
+    /// Rolled back (or failed, and rolled back): sent again once the group before has
+    /// committed.
+    undone: bool,
 }
 
 /// How the columns of one source relation (by OID, from its Relation message) feed a plan.
@@ -130,6 +209,8 @@ struct InFlight {
 /// Applies decoded changes to the target.
 pub struct Applier {
     client: Client,
+    /// The backend process ID of `client` (read when a second session is added).
+    pid: i32,
     job: String,
     /// Changes to a table apply only from transactions that commit at or after this LSN.
     snapshot_lsn: HashMap<TableName, Lsn>,
@@ -182,6 +263,19 @@ pub struct Applier {
     /// Whether net changes may be used at all: foreign-key checks and triggers are off on
     /// the target session (see [`super::net`]).
     net_changes: bool,
+    /// The second target session, when groups may overlap on two (see
+    /// [`Applier::add_session`]); `client` and `prepared` are the open group's session.
+    spare: Option<Lane>,
+    /// What the open group changed so far, and what the group in flight changed (kept
+    /// only with a second session).
+    footprint: Footprint,
+    flight_footprint: Option<Footprint>,
+    /// The open group's early part, while the group before has not answered.
+    ahead: Option<Ahead>,
+    /// SQL sent now goes ahead (into `ahead`) instead of waiting for the group in flight.
+    sending_ahead: bool,
+    /// The queues are being written out at the end of the group (not in the middle).
+    ending_group: bool,
     /// Net changes per source relation OID, for tables that qualify.
     queues: FastMap<u32, (Arc<TablePlan>, TableQueue)>,
     queued_bytes: usize,
@@ -271,6 +365,7 @@ impl Applier {
         } = tables;
         Self {
             client,
+            pid: 0,
             job: job.to_string(),
             snapshot_lsn,
             relations: FastMap::default(),
@@ -297,6 +392,12 @@ impl Applier {
             prepared: FastMap::default(),
             prepared_count: 0,
             net_changes,
+            spare: None,
+            footprint: Footprint::default(),
+            flight_footprint: None,
+            ahead: None,
+            sending_ahead: false,
+            ending_group: false,
             queues: FastMap::default(),
             queued_bytes: 0,
             paused: paused
@@ -341,12 +442,61 @@ impl Applier {
             .map_err(|e| Error::from_pg(what, "the target", &e))?;
         let (commit, standbys): (String, String) = (row.get(0), row.get(1));
         if commit == "off" {
-            self.client
-                .batch_execute("SET synchronous_commit = local")
-                .await
-                .map_err(|e| Error::from_pg(what, "the target", &e))?;
+            for c in std::iter::once(&self.client).chain(self.spare.as_ref().map(|l| &l.client)) {
+                c.batch_execute("SET synchronous_commit = local")
+                    .await
+                    .map_err(|e| Error::from_pg(what, "the target", &e))?;
+            }
         }
         self.commit_without_flush = standbys.trim().is_empty();
+        Ok(())
+    }
+
+    /// The session of the open group (the one it was created with, until a second one
+    /// is added).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Give the applier a second target session, set up like the first (the job's lock
+    /// joined, `session_replication_role = replica`); call it before `prepare_commits`.
+    ///
+    /// Groups then alternate between the two sessions. While a group runs on one, the
+    /// next group's net changes of keys the running group did not touch (and rows for
+    /// tables without any unique index) are sent ahead on the other, in its open
+    /// transaction (see [`Applier::send_ahead`]); the rest of it and its COMMIT follow
+    /// only once the running group has committed, so groups still commit in order and a
+    /// group never commits after one that failed. The two never wait for each other's row
+    /// locks. Only for jobs whose changes fold into net changes (replica role on, so no
+    /// foreign-key checks or ordinary triggers) and whose target tables have no trigger or
+    /// rule that fires in replica mode (`pg_apply::fires_in_replica`).
+    pub async fn add_session(&mut self, client: Client) -> Result<()> {
+        // Both read committed: a statement sent ahead that does meet a row of the group
+        // before (keys equal but spelled differently) waits for it and then applies on
+        // top, where a stricter level would fail.
+        let mut pids = [0; 2];
+        for (c, pid) in [&self.client, &client].into_iter().zip(&mut pids) {
+            let rows = c
+                .simple_query(
+                    "SET default_transaction_isolation = 'read committed'; \
+                     SELECT pg_catalog.pg_backend_pid()::text",
+                )
+                .await
+                .map_err(|e| Error::from_pg("prepare the apply sessions", "the target", &e))?;
+            *pid = rows
+                .iter()
+                .find_map(|m| match m {
+                    SimpleQueryMessage::Row(r) => r.get(0).and_then(|t| t.parse().ok()),
+                    _ => None,
+                })
+                .ok_or_else(|| Error::transient("the target did not report a backend pid"))?;
+        }
+        self.pid = pids[0];
+        self.spare = Some(Lane {
+            client,
+            pid: pids[1],
+            prepared: FastMap::default(),
+        });
         Ok(())
     }
 
@@ -529,6 +679,9 @@ impl Applier {
         self.queues.remove(&rel.oid);
         self.close_statement();
         self.prepared.retain(|k, _| k.oid != rel.oid);
+        if let Some(lane) = self.spare.as_mut() {
+            lane.prepared.retain(|k, _| k.oid != rel.oid);
+        }
         let mut source_index = Vec::new();
         if let Some(plan) = &plan {
             if plan.evaluated() {
@@ -574,6 +727,9 @@ impl Applier {
         }
         if !ddl.is_empty() || known_columns.is_some() {
             self.ensure_group();
+            if !ddl.is_empty() {
+                self.note_ordered(rel.oid);
+            }
             for statement in ddl {
                 self.sql.push_str(statement);
                 self.sql.push(';');
@@ -670,11 +826,26 @@ impl Applier {
 
     fn ensure_group(&mut self) {
         if !self.in_group {
+            // The group in flight runs on this session: the new one takes the other.
+            if self.in_flight.is_some()
+                && let Some(lane) = self.spare.as_mut()
+            {
+                std::mem::swap(&mut self.client, &mut lane.client);
+                std::mem::swap(&mut self.pid, &mut lane.pid);
+                std::mem::swap(&mut self.prepared, &mut lane.prepared);
+            }
             self.in_group = true;
             self.group_started = Instant::now();
             self.group_txns = 0;
             self.group_rows = 0;
-            self.sql.push_str("BEGIN; SET CONSTRAINTS ALL DEFERRED;");
+            self.sql.push_str(GROUP_BEGIN);
+        }
+    }
+
+    /// The open group changes `oid` by other than net changes (see [`Footprint`]).
+    fn note_ordered(&mut self, oid: u32) {
+        if self.spare.is_some() {
+            self.footprint.tables.entry(oid).or_default().ordered = true;
         }
     }
 
@@ -777,6 +948,22 @@ impl Applier {
 
     async fn send(&mut self) -> Result<()> {
         if self.sql.is_empty() {
+            return Ok(());
+        }
+        if self.sending_ahead {
+            let answer = self
+                .client
+                .simple_query_raw(&self.sql)
+                .await
+                .map_err(|e| self.apply_error(e))?;
+            let sent = std::mem::replace(
+                &mut self.sql,
+                String::with_capacity(MAX_SQL_BYTES + 64 * 1024),
+            );
+            let ahead = self.ahead.get_or_insert_default();
+            ahead.bytes += sent.len();
+            ahead.sent.push(sent);
+            ahead.answers.push_back(Box::pin(answer));
             return Ok(());
         }
         self.settle().await?;
@@ -889,7 +1076,15 @@ impl Applier {
                 return self.after_queue().await;
             }
             self.flush_queue(ins.oid).await?;
+        } else if self.appendable(&plan) {
+            let row = Self::image(&plan, &idx, &ins.new)?;
+            if self.queue(ins.oid, &plan).append(row).is_ok() {
+                self.group_rows += 1;
+                return self.after_queue().await;
+            }
+            self.flush_queue(ins.oid).await?;
         }
+        self.note_ordered(ins.oid);
         let extend = matches!(self.open, Some(OpenStatement::Insert { oid, rows, .. }) if oid == ins.oid && rows < MAX_ROWS_PER_STATEMENT);
         let unnest = match self.open {
             Some(OpenStatement::Insert { unnest, .. }) if extend => unnest,
@@ -991,7 +1186,10 @@ impl Applier {
                 }
             }
             self.flush_queue(upd.oid).await?;
+        } else if self.appendable(&plan) {
+            self.flush_queue(upd.oid).await?;
         }
+        self.note_ordered(upd.oid);
         self.close_statement();
         // Columns to set: every mapped column the stream sent. Unchanged TOAST values
         // ('u') are left as the target has them (hard case 1).
@@ -1169,7 +1367,10 @@ impl Applier {
                 return self.after_queue().await;
             }
             self.flush_queue(del.oid).await?;
+        } else if self.appendable(&plan) {
+            self.flush_queue(del.oid).await?;
         }
+        self.note_ordered(del.oid);
         let target = plan.target_name().quoted();
         let old = del.old.tuple();
         if plan.keyed() {
@@ -1260,6 +1461,9 @@ impl Applier {
         }
         self.ensure_group();
         self.close_statement();
+        if self.spare.is_some() {
+            self.footprint.barrier = true;
+        }
         let _ = write!(self.sql, "TRUNCATE {}", targets.join(", "));
         if tr.restart_identity() {
             self.sql.push_str(" RESTART IDENTITY");
@@ -1306,6 +1510,16 @@ impl Applier {
     /// Whether `plan`'s changes may be folded into net changes (see [`super::net`]).
     fn foldable(&self, plan: &TablePlan) -> bool {
         self.net_changes && plan.keyed() && plan.target.other_unique_indexes == 0
+    }
+
+    /// Whether inserts into `plan`'s table may wait in its queue until the group ends: no
+    /// key and no unique index at all, so no row can conflict with another (and, as for
+    /// net changes, no trigger or foreign-key check sees the order).
+    fn appendable(&self, plan: &TablePlan) -> bool {
+        self.net_changes
+            && !plan.keyed()
+            && !plan.target.has_primary_key
+            && plan.target.other_unique_indexes == 0
     }
 
     /// The row in plan column order.
@@ -1364,6 +1578,15 @@ impl Applier {
 
     /// Send one table's net changes: deletes, then inserts, then updates by shape.
     async fn flush_queue(&mut self, oid: u32) -> Result<()> {
+        self.flush_queue_except(oid, None).await
+    }
+
+    /// [`Applier::flush_queue`], leaving the net changes of the `held` keys in the queue.
+    async fn flush_queue_except(
+        &mut self,
+        oid: u32,
+        held: Option<&FastSet<Vec<u8>>>,
+    ) -> Result<()> {
         let Some((plan, queue)) = self.queues.get_mut(&oid) else {
             return Ok(());
         };
@@ -1371,8 +1594,17 @@ impl Applier {
             return Ok(());
         }
         let plan = plan.clone();
-        let rows = std::mem::take(&mut queue.rows);
-        queue.bytes = 0;
+        let appended = std::mem::take(&mut queue.appended);
+        let rows: Vec<_> = match held {
+            Some(held) if !held.is_empty() => queue
+                .rows
+                .extract_if(|key, _| !held.contains(key))
+                .collect(),
+            _ => queue.rows.drain().collect(),
+        };
+        if queue.rows.is_empty() {
+            queue.bytes = 0;
+        }
         self.close_statement();
         let target = plan.target_name().quoted();
         let keys: Vec<usize> = plan.key_indexes();
@@ -1382,9 +1614,30 @@ impl Applier {
             .collect::<Vec<_>>()
             .join(",");
         let mut deletes = Vec::new();
-        let mut inserts = Vec::new();
+        let mut inserts = appended;
         let mut updates: FastMap<Vec<bool>, Vec<Vec<ColumnValue>>> = FastMap::default();
-        for (_, (key_values, op)) in rows {
+        // With a second session, the group's keys are kept for the next group (see
+        // `send_ahead`), and a table written out in the middle of the group keeps the
+        // rest of its changes in order.
+        let early = !self.ending_group && !self.sending_ahead;
+        let footprint = &mut self.footprint;
+        let mut keys_seen = self.spare.is_some().then(|| {
+            let t = footprint.tables.entry(oid).or_default();
+            t.written_early |= early;
+            (t, &mut footprint.keys)
+        });
+        for (key, (key_values, op)) in rows {
+            if let Some((t, total)) = keys_seen.as_mut()
+                && !t.ordered
+            {
+                if **total < MAX_FOOTPRINT_KEYS {
+                    **total += usize::from(t.keys.insert(key));
+                } else {
+                    t.ordered = true;
+                    **total -= t.keys.len();
+                    t.keys = FastSet::default();
+                }
+            }
             match op {
                 super::net::NetOp::Delete => deletes.push(key_values),
                 super::net::NetOp::Insert(row) => inserts.push(row),
@@ -1601,7 +1854,11 @@ impl Applier {
             // BEGIN buffered but no source transaction finished: nothing to commit yet.
             return Ok(());
         };
-        self.flush_queues().await?;
+        self.send_ahead().await?;
+        self.ending_group = true;
+        let flushed = self.flush_queues().await;
+        self.ending_group = false;
+        flushed?;
         self.close_statement();
         let job = quote_literal(&self.job);
         for (table, p) in self.paused.iter_mut().filter(|(_, p)| p.dirty) {
@@ -1682,6 +1939,9 @@ impl Applier {
             group_ms: self.group_started.elapsed().as_millis() as u64,
         });
         self.in_group = false;
+        if self.spare.is_some() {
+            self.flight_footprint = Some(std::mem::take(&mut self.footprint));
+        }
         self.committed = written;
         self.last_in_group = None;
         for p in self.paused.values_mut() {
@@ -1732,29 +1992,88 @@ impl Applier {
         Ok(self.announce.take())
     }
 
+    /// [`Applier::wait_in_flight`], for at most `limit` (then the group stays in flight).
+    pub async fn wait_in_flight_at_most(&mut self, limit: Duration) -> Result<Option<Progress>> {
+        // (No early part exists between groups: `settle` is cancel-safe here.)
+        match tokio::time::timeout(limit, self.settle()).await {
+            Ok(done) => done.map(|()| self.announce.take()),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Whether groups may overlap on two target sessions (see [`Applier::add_session`]).
+    pub fn has_second_session(&self) -> bool {
+        self.spare.is_some()
+    }
+
     /// Wait for the answer to the group in flight, if any. Its progress becomes durable
     /// at once when its commit waited for the flush, else once the target's flush
     /// position passes its commit (this group's or a later one's). What became durable is
     /// handed out by the next `commit` or `flush`. Cancel-safe: dropped while waiting, the
     /// group stays in flight.
     async fn settle(&mut self) -> Result<()> {
-        let Some(flight) = self.in_flight.as_mut() else {
-            return Ok(());
-        };
-        while let Some(message) = flight.answer.next().await {
-            match message {
-                Ok(SimpleQueryMessage::Row(row)) => flight.row = Some(row),
-                Ok(_) => {}
-                Err(e) => {
+        if self.in_flight.is_none() {
+            return self.finish_ahead().await;
+        }
+        let mut check = tokio::time::Instant::now() + AHEAD_STALL;
+        while let Some(flight) = self.in_flight.as_mut() {
+            // Beside an early part on the other session, its answers are read meanwhile,
+            // and once it is done, the group in flight is checked now and then for a wait
+            // on a lock.
+            let event = match self.ahead.as_mut().filter(|a| !a.undone) {
+                None => Settling::Answer(flight.answer.next().await),
+                Some(ahead) => {
+                    let early_done = ahead.answers.is_empty();
+                    tokio::select! {
+                        biased;
+                        m = flight.answer.next() => Settling::Answer(m),
+                        m = async {
+                            match ahead.answers.front_mut() {
+                                Some(a) => a.next().await,
+                                None => None,
+                            }
+                        }, if !early_done => Settling::Early(m),
+                        _ = tokio::time::sleep_until(check), if early_done => Settling::Check,
+                    }
+                }
+            };
+            match event {
+                Settling::Answer(Some(Ok(SimpleQueryMessage::Row(row)))) => flight.row = Some(row),
+                Settling::Answer(Some(Ok(_))) => {}
+                Settling::Answer(Some(Err(e))) => {
                     let upto = flight.upto;
                     self.in_flight = None;
+                    // The early part's transaction ends with its session, which the
+                    // failed run drops.
+                    self.ahead = None;
                     return Err(Self::apply_error_upto(Some(upto), e));
+                }
+                Settling::Answer(None) => break,
+                Settling::Early(Some(Ok(_))) => {}
+                Settling::Early(None) => {
+                    if let Some(a) = self.ahead.as_mut() {
+                        a.answers.pop_front();
+                    }
+                }
+                Settling::Early(Some(Err(e))) => {
+                    tracing::debug!(error = %e, "a group's early part failed; it is sent again after the group before");
+                    self.undo_ahead().await?;
+                }
+                Settling::Check => {
+                    check = tokio::time::Instant::now() + AHEAD_STALL;
+                    if self.flight_waits_for_a_lock().await? {
+                        tracing::info!(
+                            "the group in flight waits for a lock: the next group's early part is rolled back, to be sent again after it"
+                        );
+                        self.undo_ahead().await?;
+                    }
                 }
             }
         }
         let Some(flight) = self.in_flight.take() else {
-            return Ok(());
+            return self.finish_ahead().await;
         };
+        self.flight_footprint = None;
         let newly_durable = if flight.waits {
             self.unflushed.clear();
             Some(flight.written)
@@ -1800,6 +2119,194 @@ impl Applier {
         metrics::counter!("cutover_applied_transactions_total")
             .increment(flight.transactions as u64);
         metrics::counter!("cutover_applied_rows_total").increment(flight.rows);
+        self.finish_ahead().await
+    }
+
+    /// Send the open group's early part on its session, while the group before still runs
+    /// on the other: the net changes of keys that group did not change, and the rows
+    /// appended to tables without any unique index, of tables that neither group changed
+    /// in another way (ordered statements, DDL), and nothing at all beside a TRUNCATE.
+    /// The rest (net changes of the keys it did change, ordered statements, progress,
+    /// COMMIT) waits for the group before to commit. So the group before never needs a row
+    /// or unique-index entry the early part holds, and, with no foreign-key checks or
+    /// triggers (replica role), nothing else of it either; the early part may wait for the
+    /// group before, never the other way round. Should the group before wait for a lock
+    /// anyway (a third session's lock request queued between the two, or keys equal in
+    /// the index but spelled differently), the early part is rolled back and sent again
+    /// once it has committed (`settle`).
+    async fn send_ahead(&mut self) -> Result<()> {
+        if self.spare.is_none()
+            || self.in_flight.is_none()
+            || self.footprint.barrier
+            || !self.sql.starts_with(GROUP_BEGIN)
+        {
+            return Ok(());
+        }
+        let Some(before) = self.flight_footprint.take() else {
+            return Ok(());
+        };
+        let result = if before.barrier {
+            Ok(())
+        } else {
+            self.send_ahead_of(&before).await
+        };
+        self.flight_footprint = Some(before);
+        result
+    }
+
+    async fn send_ahead_of(&mut self, before: &Footprint) -> Result<()> {
+        self.close_statement();
+        let rest = self.sql.split_off(GROUP_BEGIN.len());
+        let oids: Vec<u32> = self
+            .queues
+            .iter()
+            .filter(|(oid, (_, q))| {
+                !q.is_empty() && !before.ordered(**oid) && !self.footprint.in_order(**oid)
+            })
+            .map(|(oid, _)| *oid)
+            .collect();
+        let none = FastSet::default();
+        self.sending_ahead = true;
+        let mut result = Ok(());
+        for oid in oids {
+            if self
+                .ahead
+                .as_ref()
+                .is_some_and(|a| a.bytes >= MAX_AHEAD_BYTES)
+            {
+                break;
+            }
+            let held = before.tables.get(&oid).map_or(&none, |t| &t.keys);
+            result = self.flush_queue_except(oid, Some(held)).await;
+            if result.is_err() {
+                break;
+            }
+        }
+        // What is left: anything once a part went, more than the BEGIN before.
+        let left = if self.ahead.is_some() {
+            !self.sql.is_empty()
+        } else {
+            self.sql.len() > GROUP_BEGIN.len()
+        };
+        if result.is_ok() && left {
+            result = self.send().await;
+        }
+        self.sending_ahead = false;
+        if self.ahead.is_some() {
+            // The BEGIN went ahead.
+            self.sql = rest;
+            if self.stats.pipelined_groups == 0 {
+                tracing::info!(
+                    "groups overlap: a group's changes went ahead on the second target session while the group before ran"
+                );
+            }
+            self.stats.pipelined_groups += 1;
+            metrics::counter!("cutover_apply_pipelined_groups_total").increment(1);
+        } else {
+            self.sql.push_str(&rest);
+        }
+        self.queued_bytes = self.queues.values().map(|(_, q)| q.bytes).sum();
+        result
+    }
+
+    /// Whether the group in flight (on the other session) waits for a lock. Asked on the
+    /// open group's session, idle in its transaction once its early part is done.
+    async fn flight_waits_for_a_lock(&self) -> Result<bool> {
+        let Some(lane) = self.spare.as_ref() else {
+            return Ok(false);
+        };
+        let sql = format!(
+            "SELECT pg_catalog.cardinality(pg_catalog.pg_blocking_pids({})) > 0",
+            lane.pid
+        );
+        let rows = self
+            .client
+            .simple_query(&sql)
+            .await
+            .map_err(|e| self.apply_error(e))?;
+        Ok(rows
+            .iter()
+            .any(|m| matches!(m, SimpleQueryMessage::Row(r) if r.get(0) == Some("t"))))
+    }
+
+    /// Roll the early part back (it is sent again once the group before has committed).
+    async fn undo_ahead(&mut self) -> Result<()> {
+        let Some(ahead) = self.ahead.as_mut() else {
+            return Ok(());
+        };
+        // Answers still due (a failed part's later pieces) are dropped unread.
+        ahead.answers.clear();
+        ahead.undone = true;
+        self.stats.pipeline_restarts += 1;
+        metrics::counter!("cutover_apply_pipeline_restarts_total").increment(1);
+        self.client
+            .batch_execute("ROLLBACK")
+            .await
+            .map_err(|e| self.apply_error(e))
+    }
+
+    /// After the group before has committed: read the rest of the early part's answers,
+    /// or, if it was rolled back (or fails now), send it again.
+    async fn finish_ahead(&mut self) -> Result<()> {
+        while let Some(ahead) = self.ahead.as_mut().filter(|a| !a.undone) {
+            let Some(answer) = ahead.answers.front_mut() else {
+                break;
+            };
+            match answer.next().await {
+                Some(Ok(_)) => {}
+                None => {
+                    ahead.answers.pop_front();
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "a group's early part failed; it is sent again in order");
+                    self.undo_ahead().await?;
+                }
+            }
+        }
+        let Some(ahead) = self.ahead.take() else {
+            return Ok(());
+        };
+        if ahead.undone {
+            for piece in &ahead.sent {
+                self.client
+                    .batch_execute(piece)
+                    .await
+                    .map_err(|e| self.apply_error(e))?;
+            }
+        }
         Ok(())
     }
+}
+
+/// The target tables (of `oids`, and their partitions) with a trigger or rule that fires
+/// under `session_replication_role = replica` (enabled `ALWAYS` or `REPLICA`): its effects
+/// could reach rows of other tables, so groups must not overlap (see
+/// [`Applier::add_session`]).
+pub async fn fires_in_replica(client: &Client, oids: &[u32]) -> Result<Vec<String>> {
+    let rows = client
+        .query(
+            "WITH RECURSIVE rel(oid) AS ( \
+               SELECT unnest($1::oid[]) \
+               UNION SELECT i.inhrelid FROM pg_catalog.pg_inherits i \
+                     JOIN rel ON i.inhparent = rel.oid) \
+             SELECT DISTINCT c.oid::regclass::text FROM pg_catalog.pg_class c \
+             WHERE c.oid IN (SELECT oid FROM rel) AND ( \
+               EXISTS (SELECT 1 FROM pg_catalog.pg_trigger t \
+                       WHERE t.tgrelid = c.oid AND t.tgenabled IN ('A', 'R')) \
+               OR EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite r \
+                          WHERE r.ev_class = c.oid AND r.ev_enabled IN ('A', 'R') \
+                            AND r.rulename <> '_RETURN')) \
+             ORDER BY 1",
+            &[&oids],
+        )
+        .await
+        .map_err(|e| Error::from_pg("read the target's triggers", "the target", &e))?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// What settling the group in flight waits for next.
+enum Settling {
+    Answer(Option<std::result::Result<SimpleQueryMessage, tokio_postgres::Error>>),
+    Early(Option<std::result::Result<SimpleQueryMessage, tokio_postgres::Error>>),
+    Check,
 }

@@ -18,7 +18,9 @@ mod net;
 mod plan;
 mod state;
 
-pub use apply::{Applier, ApplyStats, GroupLimits, Paused, TablesAtStart, Touched, TouchedKeys};
+pub use apply::{
+    Applier, ApplyStats, GroupLimits, Paused, TablesAtStart, Touched, TouchedKeys, fires_in_replica,
+};
 pub use copy::{
     CopyChunk, CopyCounters, CopyTask, PAGE_BYTES, copy_chunk, mark_done, plan_chunks,
     truncate_target,

@@ -43,10 +43,15 @@ pub enum NetOp {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotFoldable;
 
-/// The net changes of one table, keyed by the key values' text.
+/// The net changes of one table, keyed by the key values' text; or, for a table without
+/// a key or any unique index that only receives inserts, its inserted rows in order.
 #[derive(Debug, Default)]
 pub struct TableQueue {
     pub rows: FastMap<Vec<u8>, (Vec<ColumnValue>, NetOp)>,
+    /// Rows inserted into a table with no unique index at all: nothing on the target can
+    /// conflict with them, so they wait for the end of the group like net changes (the
+    /// caller flushes them before any other change of the table).
+    pub appended: Vec<Vec<ColumnValue>>,
     pub bytes: usize,
 }
 
@@ -93,7 +98,17 @@ fn complete(values: &[ColumnValue]) -> bool {
 
 impl TableQueue {
     pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+        self.rows.is_empty() && self.appended.is_empty()
+    }
+
+    /// A row inserted into a table without any unique index (every column has a value).
+    pub fn append(&mut self, row: Vec<ColumnValue>) -> Result<(), NotFoldable> {
+        if !complete(&row) {
+            return Err(NotFoldable);
+        }
+        self.account(size(&row));
+        self.appended.push(row);
+        Ok(())
     }
 
     fn account(&mut self, added: usize) {

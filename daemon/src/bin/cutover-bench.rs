@@ -91,6 +91,9 @@ const CATCHUP: &str = "catchup";
 const OURS: &str = "cutover";
 /// `cutover` with `pgbench_accounts` mapped through `[table.columns]` (catch-up only).
 const OURS_MAPPED: &str = "cutover, mapped";
+/// `cutover` with `[target] apply_sessions = 1` (catch-up with `--catchup-one-session`): one
+/// group at a time on the target, as before groups overlapped on two sessions.
+const OURS_ONE_SESSION: &str = "cutover, 1 session";
 /// What the mapped job writes for `pgbench_accounts`: a filter on the key and an expression
 /// that leaves the value unchanged, so every change is evaluated on the source.
 const MAPPED_TABLE: &str = "pgbench_accounts";
@@ -187,6 +190,10 @@ struct Args {
     /// cost per message is much lower on a unix socket).
     #[arg(long)]
     catchup_socket: bool,
+    /// catchup: also run `cutover, 1 session`, the job with `[target] apply_sessions = 1`
+    /// (the two-session apply's gain, measured in the same run).
+    #[arg(long)]
+    catchup_one_session: bool,
     /// The `cutover` binary (default: beside this program).
     #[arg(long)]
     cutover_bin: Option<PathBuf>,
@@ -381,6 +388,7 @@ struct Bench {
     load_snapshot_max_age: Option<String>,
     load_pin: bool,
     catchup_socket: bool,
+    catchup_one_session: bool,
     source_rows: u64,
     accounts_rows: u64,
 }
@@ -528,6 +536,7 @@ impl Bench {
             load_snapshot_max_age: args.load_snapshot_max_age.clone(),
             load_pin: args.load_pin,
             catchup_socket: args.catchup_socket,
+            catchup_one_session: args.catchup_one_session,
             source_rows: 0,
             accounts_rows: 0,
         };
@@ -736,14 +745,18 @@ impl Bench {
             (NATIVE, Kind::Peer),
             (FLOOR_RECVLOGICAL, Kind::Floor),
         ];
+        if self.catchup_one_session {
+            tools.insert(1, (OURS_ONE_SESSION, Kind::Ours));
+        }
         for rep in 1..=reps {
             for &(tool, kind) in &tools {
                 if let Err(e) = self.quiesce().await {
                     eprintln!("cutover-bench: checkpoint before {tool} failed: {e:#}");
                 }
                 let result = match tool {
-                    OURS => Box::pin(self.catchup_ours(rep, false)).await,
-                    OURS_MAPPED => Box::pin(self.catchup_ours(rep, true)).await,
+                    OURS | OURS_MAPPED | OURS_ONE_SESSION => {
+                        Box::pin(self.catchup_ours(rep, tool)).await
+                    }
                     NATIVE => Box::pin(self.catchup_native(rep)).await,
                     _ => Box::pin(self.catchup_floor(rep)).await,
                 };
@@ -1141,23 +1154,28 @@ impl Bench {
 
     /// `cutover run` draining a backlog; with `mapped`, `pgbench_accounts` goes through
     /// `[table.columns]` (see [`Bench::write_job`]).
-    async fn catchup_ours(&self, rep: usize, mapped: bool) -> Result<Measured> {
-        let (db, name, slot) = if mapped {
-            (
-                format!("catchup_mapped_{rep}"),
-                format!("bcatchmap-{rep}"),
-                format!("cutover_bcatchmap_{rep}"),
-            )
-        } else {
-            (
-                format!("catchup_ours_{rep}"),
-                format!("bcatch-{rep}"),
-                format!("cutover_bcatch_{rep}"),
-            )
+    /// `variant`: [`OURS`], [`OURS_MAPPED`] or [`OURS_ONE_SESSION`].
+    async fn catchup_ours(&self, rep: usize, variant: &str) -> Result<Measured> {
+        let mapped = variant == OURS_MAPPED;
+        let tag = match variant {
+            OURS_MAPPED => "map",
+            OURS_ONE_SESSION => "one",
+            _ => "",
         };
+        let (db, name, slot) = (
+            format!("catchup_ours{tag}_{rep}"),
+            format!("bcatch{tag}-{rep}"),
+            format!("cutover_bcatch{tag}_{rep}"),
+        );
         self.fresh_db(&db, Some(&self.schema_full)).await?;
         let result = async {
-            let (job, api) = self.write_job_verifying(&name, &db, mapped, NO_VERIFY, true)?;
+            let target_keys = if variant == OURS_ONE_SESSION {
+                "apply_sessions = 1\n"
+            } else {
+                ""
+            };
+            let (job, api) =
+                self.write_job_verifying(&name, &db, mapped, NO_VERIFY, true, target_keys)?;
             // The job exists: slot created, snapshot copied, then the daemon stopped.
             let mut daemon = self.spawn_daemon(&job, &api, &format!("{name}-setup.log"))?;
             let ready = wait_status(&mut daemon, RUN_TIMEOUT, |s| {
@@ -1718,7 +1736,7 @@ impl Bench {
         } else {
             "every = \"0\"\n".to_owned()
         };
-        self.write_job_verifying(LOAD_JOB, LOAD_DB, false, &section, false)
+        self.write_job_verifying(LOAD_JOB, LOAD_DB, false, &section, false, "")
     }
 
     /// A fresh target with the schema, and the job run until every table is copied and it
@@ -2255,7 +2273,7 @@ impl Bench {
     /// `pgbench_accounts` gets a key filter and a column expression that keep its rows
     /// identical but make every change go through the source-side evaluation of the mapping.
     fn write_job(&self, name: &str, target_db: &str, mapped: bool) -> Result<(PathBuf, String)> {
-        self.write_job_verifying(name, target_db, mapped, NO_VERIFY, false)
+        self.write_job_verifying(name, target_db, mapped, NO_VERIFY, false, "")
     }
 
     /// [`Bench::write_job`] with `verify` as the body of its `[verify]` section; a
@@ -2269,6 +2287,7 @@ impl Bench {
         mapped: bool,
         verify: &str,
         catchup: bool,
+        target_keys: &str,
     ) -> Result<(PathBuf, String)> {
         let dir = self.work.path().join(name);
         std::fs::create_dir_all(&dir)?;
@@ -2277,7 +2296,7 @@ impl Bench {
             .port();
         let api = format!("{}:{port}", cutover::cluster::HOST);
         let mut text = format!(
-            "name = \"{name}\"\ndata_dir = \"{}\"\n\n[source]\nurl = \"{}\"\n\n[target]\nurl = \"{}\"\n\n",
+            "name = \"{name}\"\ndata_dir = \"{}\"\n\n[source]\nurl = \"{}\"\n\n[target]\nurl = \"{}\"\n{target_keys}\n",
             dir.join("data").display(),
             if catchup {
                 self.catchup_source_url()
