@@ -517,7 +517,14 @@ async fn no_group_commits_after_one_that_failed() {
     )
     .await
     .unwrap();
-    let job = Job::write("failed-group", &src.url("db"), &dst.url("db"), "");
+    // Two apply sessions asked for: the trigger keeps the groups one at a time.
+    let job = Job::write_with_target(
+        "failed-group",
+        &src.url("db"),
+        &dst.url("db"),
+        "apply_sessions = 2",
+        "",
+    );
     let mut daemon = Daemon::start(&job);
     daemon.wait_phase("streaming", TIMEOUT).await;
     assert_eq!(daemon.terminate(TIMEOUT), Some(0));

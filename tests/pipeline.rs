@@ -16,6 +16,9 @@ use support::*;
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
+/// Groups overlap on two target sessions (not the default).
+const TWO_SESSIONS: &str = "apply_sessions = 2";
+
 /// No verification passes: the anchor of one commits the open group at once (waiting for
 /// the group in flight), which would keep the next group from going ahead at the moment
 /// these tests look.
@@ -65,7 +68,13 @@ async fn backlog(
         .unwrap();
     let s = src.connect("db").await.unwrap();
     let d = dst.connect("db").await.unwrap();
-    let job = Job::write(name, &src.url("db"), &dst.url("db"), NO_VERIFIER);
+    let job = Job::write_with_target(
+        name,
+        &src.url("db"),
+        &dst.url("db"),
+        TWO_SESSIONS,
+        NO_VERIFIER,
+    );
     let mut daemon = Daemon::start(&job);
     daemon.wait_phase("streaming", TIMEOUT).await;
     assert_eq!(daemon.terminate(TIMEOUT), Some(0), "{}", daemon.output());
@@ -294,7 +303,13 @@ async fn a_relation_message_mid_group_keeps_each_keys_last_change() {
     .unwrap();
     let s = src.connect("db").await.unwrap();
     let d = dst.connect("db").await.unwrap();
-    let job = Job::write("pipe-rel", &src.url("db"), &dst.url("db"), NO_VERIFIER);
+    let job = Job::write_with_target(
+        "pipe-rel",
+        &src.url("db"),
+        &dst.url("db"),
+        TWO_SESSIONS,
+        NO_VERIFIER,
+    );
     let mut daemon = Daemon::start(&job);
     daemon.wait_phase("streaming", TIMEOUT).await;
     assert_eq!(daemon.terminate(TIMEOUT), Some(0), "{}", daemon.output());

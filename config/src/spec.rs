@@ -48,7 +48,7 @@ pub struct TargetSpec {
     /// Create missing target tables from the source's definitions (identity mapping only),
     /// with their indexes built after the data is loaded. Default false.
     pub create_tables: bool,
-    /// Target sessions the apply may use (1 or 2, default 2). With 2, while a group runs
+    /// Target sessions the apply may use (1 or 2, default 1). With 2, while a group runs
     /// on one session the next group's changes that it does not touch go ahead on the
     /// other; 1 applies one group at a time.
     pub apply_sessions: usize,

@@ -45,7 +45,7 @@ fn defaults_are_filled() {
     assert!(spec.tables.is_empty());
     assert_eq!(spec.snapshot.mode, SnapshotMode::Initial);
     assert_eq!(spec.snapshot.parallelism, 4);
-    assert_eq!(spec.target.apply_sessions, 2);
+    assert_eq!(spec.target.apply_sessions, 1);
     assert_eq!(spec.verify.every, Duration::from_secs(600));
     assert_eq!(spec.ready.max_lag, Duration::from_secs(5));
     assert_eq!(spec.ready.max_verify_age, Duration::from_secs(1800));
@@ -507,16 +507,16 @@ fn snapshot_settings() {
 fn apply_sessions_is_one_or_two() {
     // HEAD ends inside [target] (line 7 is its url).
     assert_eq!(
-        ok(&format!("{HEAD}apply_sessions = 1\n"))
+        ok(&format!("{HEAD}apply_sessions = 2\n"))
             .target
             .apply_sessions,
-        1
+        2
     );
     for (value, hint) in [
         ("0", "write apply_sessions = 1 or more"),
         ("3", "write apply_sessions = 2 or less"),
         ("\"1\"", "write apply_sessions = 1 without quotes"),
-        ("true", "write apply_sessions = 2"),
+        ("true", "write apply_sessions = 1"),
     ] {
         let e = err(&format!("{HEAD}apply_sessions = {value}\n"));
         assert_eq!(e.line(), Some(8), "{e}");

@@ -1512,11 +1512,13 @@ impl Applier {
         self.net_changes && plan.keyed() && plan.target.other_unique_indexes == 0
     }
 
-    /// Whether inserts into `plan`'s table may wait in its queue until the group ends: no
-    /// key and no unique index at all, so no row can conflict with another (and, as for
-    /// net changes, no trigger or foreign-key check sees the order).
+    /// Whether inserts into `plan`'s table may wait in its queue until the group ends, to
+    /// go ahead with the next group's early part (so only with a second session): no key
+    /// and no unique index at all, so no row can conflict with another (and, as for net
+    /// changes, no trigger or foreign-key check sees the order).
     fn appendable(&self, plan: &TablePlan) -> bool {
         self.net_changes
+            && self.spare.is_some()
             && !plan.keyed()
             && !plan.target.has_primary_key
             && plan.target.other_unique_indexes == 0
@@ -1595,12 +1597,12 @@ impl Applier {
         }
         let plan = plan.clone();
         let appended = std::mem::take(&mut queue.appended);
-        let rows: Vec<_> = match held {
+        let rows: FastMap<_, _> = match held {
             Some(held) if !held.is_empty() => queue
                 .rows
                 .extract_if(|key, _| !held.contains(key))
                 .collect(),
-            _ => queue.rows.drain().collect(),
+            _ => std::mem::take(&mut queue.rows),
         };
         if queue.rows.is_empty() {
             queue.bytes = 0;

@@ -91,9 +91,12 @@ const CATCHUP: &str = "catchup";
 const OURS: &str = "cutover";
 /// `cutover` with `pgbench_accounts` mapped through `[table.columns]` (catch-up only).
 const OURS_MAPPED: &str = "cutover, mapped";
-/// `cutover` with `[target] apply_sessions = 1` (catch-up with `--catchup-one-session`): one
-/// group at a time on the target, as before groups overlapped on two sessions.
-const OURS_ONE_SESSION: &str = "cutover, 1 session";
+/// `cutover` with `[target] apply_sessions = 2` (catch-up with `--catchup-two-sessions`):
+/// groups overlap on two target sessions.
+const OURS_TWO_SESSIONS: &str = "cutover, 2 sessions";
+/// `cutover` run from the binary given with `--compare-bin` (catch-up only): another build,
+/// measured in the same run.
+const OURS_OTHER_BUILD: &str = "cutover, other build";
 /// What the mapped job writes for `pgbench_accounts`: a filter on the key and an expression
 /// that leaves the value unchanged, so every change is evaluated on the source.
 const MAPPED_TABLE: &str = "pgbench_accounts";
@@ -190,10 +193,19 @@ struct Args {
     /// cost per message is much lower on a unix socket).
     #[arg(long)]
     catchup_socket: bool,
-    /// catchup: also run `cutover, 1 session`, the job with `[target] apply_sessions = 1`
-    /// (the two-session apply's gain, measured in the same run).
+    /// catchup: also run `cutover, 2 sessions`, the job with `[target] apply_sessions = 2`
+    /// (what overlapping groups on two target sessions gives, measured in the same run).
     #[arg(long)]
-    catchup_one_session: bool,
+    catchup_two_sessions: bool,
+    /// catchup: also run `cutover, other build`, the same job with this `cutover` binary
+    /// (an A/B of two builds in one run).
+    #[arg(long)]
+    compare_bin: Option<PathBuf>,
+    /// catchup: give every target's `pgbench_accounts` an extra index on `(bid, abalance)`
+    /// (ours and native alike), so each update costs the target more (a new schema with
+    /// more indexes than the source).
+    #[arg(long)]
+    catchup_target_index: bool,
     /// The `cutover` binary (default: beside this program).
     #[arg(long)]
     cutover_bin: Option<PathBuf>,
@@ -388,7 +400,9 @@ struct Bench {
     load_snapshot_max_age: Option<String>,
     load_pin: bool,
     catchup_socket: bool,
-    catchup_one_session: bool,
+    catchup_two_sessions: bool,
+    compare_bin: Option<PathBuf>,
+    catchup_target_index: bool,
     source_rows: u64,
     accounts_rows: u64,
 }
@@ -536,7 +550,9 @@ impl Bench {
             load_snapshot_max_age: args.load_snapshot_max_age.clone(),
             load_pin: args.load_pin,
             catchup_socket: args.catchup_socket,
-            catchup_one_session: args.catchup_one_session,
+            catchup_two_sessions: args.catchup_two_sessions,
+            compare_bin: args.compare_bin.clone(),
+            catchup_target_index: args.catchup_target_index,
             source_rows: 0,
             accounts_rows: 0,
         };
@@ -745,8 +761,11 @@ impl Bench {
             (NATIVE, Kind::Peer),
             (FLOOR_RECVLOGICAL, Kind::Floor),
         ];
-        if self.catchup_one_session {
-            tools.insert(1, (OURS_ONE_SESSION, Kind::Ours));
+        if self.catchup_two_sessions {
+            tools.insert(1, (OURS_TWO_SESSIONS, Kind::Ours));
+        }
+        if self.compare_bin.is_some() {
+            tools.insert(1, (OURS_OTHER_BUILD, Kind::Ours));
         }
         for rep in 1..=reps {
             for &(tool, kind) in &tools {
@@ -754,7 +773,7 @@ impl Bench {
                     eprintln!("cutover-bench: checkpoint before {tool} failed: {e:#}");
                 }
                 let result = match tool {
-                    OURS | OURS_MAPPED | OURS_ONE_SESSION => {
+                    OURS | OURS_MAPPED | OURS_TWO_SESSIONS | OURS_OTHER_BUILD => {
                         Box::pin(self.catchup_ours(rep, tool)).await
                     }
                     NATIVE => Box::pin(self.catchup_native(rep)).await,
@@ -1154,12 +1173,13 @@ impl Bench {
 
     /// `cutover run` draining a backlog; with `mapped`, `pgbench_accounts` goes through
     /// `[table.columns]` (see [`Bench::write_job`]).
-    /// `variant`: [`OURS`], [`OURS_MAPPED`] or [`OURS_ONE_SESSION`].
+    /// `variant`: [`OURS`], [`OURS_MAPPED`], [`OURS_TWO_SESSIONS`] or [`OURS_OTHER_BUILD`].
     async fn catchup_ours(&self, rep: usize, variant: &str) -> Result<Measured> {
         let mapped = variant == OURS_MAPPED;
         let tag = match variant {
             OURS_MAPPED => "map",
-            OURS_ONE_SESSION => "one",
+            OURS_TWO_SESSIONS => "two",
+            OURS_OTHER_BUILD => "other",
             _ => "",
         };
         let (db, name, slot) = (
@@ -1167,17 +1187,21 @@ impl Bench {
             format!("bcatch{tag}-{rep}"),
             format!("cutover_bcatch{tag}_{rep}"),
         );
-        self.fresh_db(&db, Some(&self.schema_full)).await?;
+        self.catchup_target_db(&db).await?;
         let result = async {
-            let target_keys = if variant == OURS_ONE_SESSION {
-                "apply_sessions = 1\n"
+            let target_keys = if variant == OURS_TWO_SESSIONS {
+                "apply_sessions = 2\n"
             } else {
                 ""
             };
             let (job, api) =
                 self.write_job_verifying(&name, &db, mapped, NO_VERIFY, true, target_keys)?;
             // The job exists: slot created, snapshot copied, then the daemon stopped.
-            let mut daemon = self.spawn_daemon(&job, &api, &format!("{name}-setup.log"))?;
+            let bin = match (variant, &self.compare_bin) {
+                (OURS_OTHER_BUILD, Some(other)) => other.as_path(),
+                _ => self.cutover_bin.as_path(),
+            };
+            let mut daemon = self.spawn_daemon_of(bin, &job, &api, &format!("{name}-setup.log"))?;
             let ready = wait_status(&mut daemon, RUN_TIMEOUT, |s| {
                 all_snapshot_done(s) && s["phase"] == "streaming"
             })
@@ -1190,7 +1214,7 @@ impl Bench {
             let source = self.src.connect(SOURCE_DB).await?;
             let cpu0 = self.cpu();
             let t0 = Instant::now();
-            let mut daemon = self.spawn_daemon(&job, &api, &format!("{name}.log"))?;
+            let mut daemon = self.spawn_daemon_of(bin, &job, &api, &format!("{name}.log"))?;
             let api_addr = daemon.api.clone();
             let drained = wait_slot_at(
                 &source,
@@ -1240,7 +1264,7 @@ impl Bench {
     async fn catchup_native(&self, rep: usize) -> Result<Measured> {
         let db = format!("catchup_native_{rep}");
         let sub = format!("bench_sub_catchup_{rep}");
-        self.fresh_db(&db, Some(&self.schema_full)).await?;
+        self.catchup_target_db(&db).await?;
         let result = async {
             let target = self.dst.connect(&db).await?;
             target
@@ -2182,6 +2206,20 @@ impl Bench {
         Ok(())
     }
 
+    /// A catch-up target: the schema, and with `--catchup-target-index` the extra index.
+    async fn catchup_target_db(&self, name: &str) -> Result<()> {
+        self.fresh_db(name, Some(&self.schema_full)).await?;
+        if self.catchup_target_index {
+            self.dst
+                .execute(
+                    name,
+                    "CREATE INDEX bench_accounts_bid_abalance ON public.pgbench_accounts (bid, abalance)",
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
     async fn drop_db(&self, name: &str) {
         if let Err(e) = self
             .dst
@@ -2326,12 +2364,17 @@ impl Bench {
     }
 
     fn spawn_daemon(&self, job: &Path, api: &str, log_name: &str) -> Result<Daemon> {
+        self.spawn_daemon_of(&self.cutover_bin, job, api, log_name)
+    }
+
+    /// [`Bench::spawn_daemon`] with the `cutover` binary `bin`.
+    fn spawn_daemon_of(&self, bin: &Path, job: &Path, api: &str, log_name: &str) -> Result<Daemon> {
         let log = job
             .parent()
             .ok_or_else(|| anyhow!("job file has no directory"))?
             .join(log_name);
         let file = std::fs::File::create(&log)?;
-        let mut cmd = Command::new(&self.cutover_bin);
+        let mut cmd = Command::new(bin);
         self.prepare(&mut cmd);
         cmd.arg("run")
             .arg(job)
