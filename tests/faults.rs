@@ -545,16 +545,7 @@ async fn no_group_commits_after_one_that_failed() {
     .await
     .unwrap();
     let mut daemon = Daemon::start(&job);
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    while daemon.running() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the daemon did not stop on the failed group:\n{}",
-            daemon.output()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let output = daemon.output();
+    let output = daemon.wait_exit(TIMEOUT, "on the failed group").await;
     assert!(
         output.contains("row 8000 refused at commit") && output.contains("up to commit LSN"),
         "the error should say why and name the transactions:\n{output}"

@@ -44,6 +44,31 @@ fn gate_check(body: &str) -> String {
     )
 }
 
+/// A job with two apply sessions that has made its snapshot and stopped, and a session on
+/// each side, the source's with `synchronous_commit = off` (for the backlog to come).
+async fn snapshot_and_stop(
+    src: &Cluster,
+    dst: &Cluster,
+    name: &str,
+) -> (tokio_postgres::Client, tokio_postgres::Client, Job) {
+    let s = src.connect("db").await.unwrap();
+    let d = dst.connect("db").await.unwrap();
+    let job = Job::write_with_target(
+        name,
+        &src.url("db"),
+        &dst.url("db"),
+        TWO_SESSIONS,
+        NO_VERIFIER,
+    );
+    let mut daemon = Daemon::start(&job);
+    daemon.wait_phase("streaming", TIMEOUT).await;
+    assert_eq!(daemon.terminate(TIMEOUT), Some(0), "{}", daemon.output());
+    s.batch_execute("SET synchronous_commit = off")
+        .await
+        .unwrap();
+    (s, d, job)
+}
+
 /// Two clusters with the schema (and `target_extra` on the target), a job that has made
 /// its snapshot and stopped, and a backlog of `n` source transactions behind it, each
 /// inserting row `i` into `seq` and `log` and setting `gate` to `i`.
@@ -66,22 +91,8 @@ async fn backlog(
     dst.execute("db", &format!("{SCHEMA}{target_extra}"))
         .await
         .unwrap();
-    let s = src.connect("db").await.unwrap();
-    let d = dst.connect("db").await.unwrap();
-    let job = Job::write_with_target(
-        name,
-        &src.url("db"),
-        &dst.url("db"),
-        TWO_SESSIONS,
-        NO_VERIFIER,
-    );
-    let mut daemon = Daemon::start(&job);
-    daemon.wait_phase("streaming", TIMEOUT).await;
-    assert_eq!(daemon.terminate(TIMEOUT), Some(0), "{}", daemon.output());
+    let (s, d, job) = snapshot_and_stop(&src, &dst, name).await;
     // (The DO block alone in its query: COMMIT is refused in a multi-statement one.)
-    s.batch_execute("SET synchronous_commit = off")
-        .await
-        .unwrap();
     s.batch_execute(&format!(
         "DO $$ BEGIN
            FOR i IN 1..{n} LOOP
@@ -153,16 +164,7 @@ async fn a_failed_group_takes_the_next_groups_early_part_with_it() {
     let (_src, _dst, _s, d, job) = backlog("pipe-fail", &check, 20000).await;
     let mut daemon = Daemon::start(&job);
     wait_for_overlap(&d, &job, &mut daemon).await;
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    while daemon.running() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the daemon did not stop on the failed group:\n{}",
-            daemon.output()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let output = daemon.output();
+    let output = daemon.wait_exit(TIMEOUT, "on the failed group").await;
     assert!(
         output.contains("violates check constraint") && output.contains("up to commit LSN"),
         "the error should say why and name the transactions:\n{output}"
@@ -301,21 +303,7 @@ async fn a_relation_message_mid_group_keeps_each_keys_last_change() {
     )
     .await
     .unwrap();
-    let s = src.connect("db").await.unwrap();
-    let d = dst.connect("db").await.unwrap();
-    let job = Job::write_with_target(
-        "pipe-rel",
-        &src.url("db"),
-        &dst.url("db"),
-        TWO_SESSIONS,
-        NO_VERIFIER,
-    );
-    let mut daemon = Daemon::start(&job);
-    daemon.wait_phase("streaming", TIMEOUT).await;
-    assert_eq!(daemon.terminate(TIMEOUT), Some(0), "{}", daemon.output());
-    s.batch_execute("SET synchronous_commit = off")
-        .await
-        .unwrap();
+    let (s, d, job) = snapshot_and_stop(&src, &dst, "pipe-rel").await;
     s.batch_execute(
         "DO $$ BEGIN
            FOR i IN 1..30000 LOOP

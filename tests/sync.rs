@@ -284,12 +284,7 @@ async fn slot_creation_blocked_by_an_open_transaction_fails_cleanly() {
         "[snapshot]\nslot_wait = \"2s\"",
     );
     let mut daemon = Daemon::start(&job);
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    while daemon.running() {
-        assert!(std::time::Instant::now() < deadline, "{}", daemon.output());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let out = daemon.output();
+    let out = daemon.wait_exit(TIMEOUT, "on the blocked slot").await;
     assert!(
         out.contains("could not create replication slot \"cutover_blocked\""),
         "{out}"

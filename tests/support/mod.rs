@@ -159,6 +159,21 @@ impl Daemon {
         }
     }
 
+    /// Wait until the daemon exits on its own (an error that stops the job), failing with
+    /// its output after `timeout`.
+    pub async fn wait_exit(&mut self, timeout: Duration, why: &str) -> String {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.running() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the daemon did not stop {why}:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.output()
+    }
+
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
         self.child
