@@ -32,6 +32,10 @@ use crate::pg_source::decode::{
     ColumnValue, Delete, Insert, LogicalMessage, OldTuple, Relation, TupleData, Update,
 };
 
+/// How long a column added on the source may stay invisible to the mapper's catalog reads
+/// after its transaction arrived from the stream (see `add_column_sql`).
+const CATALOG_CATCH_UP: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Rows evaluated in one round trip at most, and the SQL size that ends a round trip.
 const MAX_EVAL_ROWS: usize = 1000;
 const MAX_EVAL_SQL: usize = 1 << 20;
@@ -481,18 +485,28 @@ impl Mapper {
         type_name: &str,
     ) -> Result<std::result::Result<Vec<String>, Error>> {
         let err = |e: tokio_postgres::Error| Error::from_pg("read the catalog", "the source", &e);
-        let row = self
-            .source
-            .query_opt(
-                "SELECT a.atthasmissing, pg_catalog.pg_get_expr(d.adbin, d.adrelid), \
-                        CASE WHEN a.atthasmissing THEN (a.attmissingval::text) END \
-                 FROM pg_catalog.pg_attribute a \
-                 LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
-                 WHERE a.attrelid = $1::text::pg_catalog.regclass AND a.attname = $2 AND NOT a.attisdropped",
-                &[&src.quoted(), &column],
-            )
-            .await
-            .map_err(err)?;
+        // The transaction that added the column has committed, but the walsender may decode
+        // its commit a moment before other sessions see it: look again for a while before
+        // calling the column gone.
+        let deadline = std::time::Instant::now() + CATALOG_CATCH_UP;
+        let row = loop {
+            let row = self
+                .source
+                .query_opt(
+                    "SELECT a.atthasmissing, pg_catalog.pg_get_expr(d.adbin, d.adrelid), \
+                            CASE WHEN a.atthasmissing THEN (a.attmissingval::text) END \
+                     FROM pg_catalog.pg_attribute a \
+                     LEFT JOIN pg_catalog.pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum \
+                     WHERE a.attrelid = $1::text::pg_catalog.regclass AND a.attname = $2 AND NOT a.attisdropped",
+                    &[&src.quoted(), &column],
+                )
+                .await
+                .map_err(err)?;
+            if row.is_some() || std::time::Instant::now() >= deadline {
+                break row;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
         let paused = format!("the apply of {src} is paused; its changes are kept on the source");
         let Some(row) = row else {
             return Ok(Err(Error::operator(format!(
