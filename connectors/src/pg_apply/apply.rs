@@ -325,6 +325,20 @@ impl Touched {
 /// Changed keys kept per table before it overflows.
 const MAX_TOUCHED_PER_TABLE: usize = 100_000;
 
+/// Add a changed key to a table's (`None`: the table changed in a way keys cannot name).
+fn touch(t: &mut TouchedKeys, key: Option<Vec<String>>) {
+    match key {
+        Some(k) if !t.overflow && t.keys.len() < MAX_TOUCHED_PER_TABLE => {
+            t.keys.insert(k);
+        }
+        Some(_) if t.overflow => {}
+        _ => {
+            t.overflow = true;
+            t.keys = Default::default();
+        }
+    }
+}
+
 /// A paused table.
 #[derive(Debug)]
 pub struct Paused {
@@ -620,16 +634,7 @@ impl Applier {
             Some(t) => t,
             None => self.group_touched.entry(table.clone()).or_default(),
         };
-        match key {
-            Some(k) if !t.overflow && t.keys.len() < MAX_TOUCHED_PER_TABLE => {
-                t.keys.insert(k);
-            }
-            Some(_) if t.overflow => {}
-            _ => {
-                t.overflow = true;
-                t.keys = Default::default();
-            }
-        }
+        touch(t, key);
     }
 
     /// The commit LSN of the last source transaction taken in: committed, in the open
@@ -1062,7 +1067,7 @@ impl Applier {
         let Some((plan, idx)) = self.target_for(ins.oid)? else {
             return Ok(());
         };
-        self.note_key(&plan, &idx, &ins.new);
+        // (Queued changes note their keys when written out, once per key.)
         self.ensure_group();
         if self.foldable(&plan) {
             let row = Self::image(&plan, &idx, &ins.new)?;
@@ -1085,6 +1090,7 @@ impl Applier {
             self.flush_queue(ins.oid).await?;
         }
         self.note_ordered(ins.oid);
+        self.note_key(&plan, &idx, &ins.new);
         let extend = matches!(self.open, Some(OpenStatement::Insert { oid, rows, .. }) if oid == ins.oid && rows < MAX_ROWS_PER_STATEMENT);
         let unnest = match self.open {
             Some(OpenStatement::Insert { unnest, .. }) if extend => unnest,
@@ -1160,10 +1166,6 @@ impl Applier {
         let Some((plan, idx)) = self.target_for(upd.oid)? else {
             return Ok(());
         };
-        self.note_key(&plan, &idx, &upd.new);
-        if let Some(old) = &upd.old {
-            self.note_key(&plan, &idx, old.tuple());
-        }
         self.ensure_group();
         if self.foldable(&plan) {
             let row = Self::image(&plan, &idx, &upd.new)?;
@@ -1190,6 +1192,10 @@ impl Applier {
             self.flush_queue(upd.oid).await?;
         }
         self.note_ordered(upd.oid);
+        self.note_key(&plan, &idx, &upd.new);
+        if let Some(old) = &upd.old {
+            self.note_key(&plan, &idx, old.tuple());
+        }
         self.close_statement();
         // Columns to set: every mapped column the stream sent. Unchanged TOAST values
         // ('u') are left as the target has them (hard case 1).
@@ -1356,7 +1362,6 @@ impl Applier {
         let Some((plan, idx)) = self.target_for(del.oid)? else {
             return Ok(());
         };
-        self.note_key(&plan, &idx, del.old.tuple());
         self.ensure_group();
         if self.foldable(&plan) {
             if let Ok((key, key_values)) =
@@ -1371,6 +1376,7 @@ impl Applier {
             self.flush_queue(del.oid).await?;
         }
         self.note_ordered(del.oid);
+        self.note_key(&plan, &idx, del.old.tuple());
         let target = plan.target_name().quoted();
         let old = del.old.tuple();
         if plan.keyed() {
@@ -1622,6 +1628,15 @@ impl Applier {
         // `send_ahead`), and a table written out in the middle of the group keeps the
         // rest of its changes in order.
         let early = !self.ending_group && !self.sending_ahead;
+        // The changed keys, for the verifier: once per key here, not once per change.
+        let touched = self
+            .group_touched
+            .entry(plan.source_name().clone())
+            .or_default();
+        if !inserts.is_empty() {
+            // Appended rows: a table without a key.
+            touch(touched, None);
+        }
         let footprint = &mut self.footprint;
         let mut keys_seen = self.spare.is_some().then(|| {
             let t = footprint.tables.entry(oid).or_default();
@@ -1629,6 +1644,18 @@ impl Applier {
             (t, &mut footprint.keys)
         });
         for (key, (key_values, op)) in rows {
+            if !touched.overflow {
+                let text: Option<Vec<String>> = key_values
+                    .iter()
+                    .map(|v| match v {
+                        ColumnValue::Text(b) => Some(String::from_utf8_lossy(b).into_owned()),
+                        _ => None,
+                    })
+                    .collect();
+                if text.is_some() {
+                    touch(touched, text);
+                }
+            }
             if let Some((t, total)) = keys_seen.as_mut()
                 && !t.ordered
             {
