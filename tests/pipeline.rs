@@ -223,29 +223,14 @@ async fn a_group_waiting_for_a_lock_has_the_early_part_sent_again_after_it() {
     let (_src, dst, s, d, job) = backlog("pipe-lock", "", 60000).await;
     let holder = dst.connect("db").await.unwrap();
     let mut daemon = Daemon::start(&job);
-    let deadline = std::time::Instant::now() + TIMEOUT;
-    while !daemon.output().contains("groups overlap") {
-        assert!(
-            std::time::Instant::now() < deadline && daemon.running(),
-            "groups did not overlap:\n{}",
-            daemon.output()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    daemon.wait_log("groups overlap", TIMEOUT).await;
     holder
         .batch_execute("BEGIN; SELECT n FROM public.gate WHERE id = 1 FOR UPDATE;")
         .await
         .unwrap();
     let (_, locked_at) = count_max(&holder, "public.seq").await;
     assert!(locked_at < 60000, "the backlog was applied before the lock");
-    while !daemon.output().contains("early part is rolled back") {
-        assert!(
-            std::time::Instant::now() < deadline && daemon.running(),
-            "the early part beside a group waiting for a lock was not rolled back:\n{}",
-            daemon.output()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    daemon.wait_log("early part is rolled back", TIMEOUT).await;
     // Nothing after the waiting group committed meanwhile (`gate` is in every group).
     let (_, max) = count_max(&d, "public.seq").await;
     assert_eq!(max, locked_at, "rows past the waiting group committed");

@@ -174,6 +174,20 @@ impl Daemon {
         self.output()
     }
 
+    /// Wait until the daemon's log holds `text`, failing with the log if it exits first or
+    /// after `timeout`.
+    pub async fn wait_log(&mut self, text: &str, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.output().contains(text) {
+            assert!(
+                std::time::Instant::now() < deadline && self.running(),
+                "the daemon never logged {text:?}:\n{}",
+                self.output()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Whether the process is still running.
     pub fn running(&mut self) -> bool {
         self.child

@@ -85,7 +85,7 @@ const MAX_FOOTPRINT_KEYS: usize = 200_000;
 /// early part is done (if it waits, it might wait for the early part through a third
 /// session's lock request queued between them, which no deadlock detector sees: the early
 /// part is rolled back).
-const AHEAD_STALL: Duration = Duration::from_secs(1);
+const AHEAD_LOCK_CHECK: Duration = Duration::from_secs(1);
 
 /// A target session the groups alternate on, with the statements prepared on it.
 struct Lane {
@@ -1627,7 +1627,7 @@ impl Applier {
         // With a second session, the group's keys are kept for the next group (see
         // `send_ahead`), and a table written out in the middle of the group keeps the
         // rest of its changes in order.
-        let early = !self.ending_group && !self.sending_ahead;
+        let mid_group = !self.ending_group && !self.sending_ahead;
         // The changed keys, for the verifier: once per key here, not once per change.
         let touched = self
             .group_touched
@@ -1640,7 +1640,7 @@ impl Applier {
         let footprint = &mut self.footprint;
         let mut keys_seen = self.spare.is_some().then(|| {
             let t = footprint.tables.entry(oid).or_default();
-            t.written_early |= early;
+            t.written_early |= mid_group;
             (t, &mut footprint.keys)
         });
         for (key, (key_values, op)) in rows {
@@ -2044,7 +2044,7 @@ impl Applier {
         if self.in_flight.is_none() {
             return self.finish_ahead().await;
         }
-        let mut check = tokio::time::Instant::now() + AHEAD_STALL;
+        let mut check = tokio::time::Instant::now() + AHEAD_LOCK_CHECK;
         while let Some(flight) = self.in_flight.as_mut() {
             // Beside an early part on the other session, its answers are read meanwhile,
             // and once it is done, the group in flight is checked now and then for a wait
@@ -2089,7 +2089,7 @@ impl Applier {
                     self.undo_ahead().await?;
                 }
                 Settling::Check => {
-                    check = tokio::time::Instant::now() + AHEAD_STALL;
+                    check = tokio::time::Instant::now() + AHEAD_LOCK_CHECK;
                     if self.flight_waits_for_a_lock().await? {
                         tracing::info!(
                             "the group in flight waits for a lock: the next group's early part is rolled back, to be sent again after it"
