@@ -173,7 +173,7 @@ async fn mapping_converges(same_database: bool) {
     // The verifier reads the source through the same mapping: equal, and a corrupted
     // computed cell is named by its target key and column.
     let (code, report) = run_json(&["verify", job.path.to_str().unwrap()]);
-    assert_eq!(code, Some(0), "{report:#}");
+    assert_eq!(code, Some(0), "{report:#}\n{}", daemon.output());
     d.batch_execute("UPDATE v2.orders SET total_cents = total_cents + 1 WHERE order_id = 1")
         .await
         .unwrap();

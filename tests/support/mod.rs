@@ -36,8 +36,15 @@ pub fn run_json(args: &[&str]) -> (Option<i32>, serde_json::Value) {
         .arg("--json")
         .output()
         .expect("run cutover");
-    let doc = serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    // A command that failed before printing its document: its error, as a string (the
+    // caller's assertion on the exit code shows it).
+    let doc = match serde_json::from_slice(&out.stdout) {
+        Ok(doc) => doc,
+        Err(_) if !out.status.success() && out.stdout.is_empty() => {
+            serde_json::Value::String(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+        Err(e) => panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)),
+    };
     (out.status.code(), doc)
 }
 
