@@ -136,22 +136,18 @@ pub async fn take(
         drop(session);
         // On a busy source the next transaction reaches the stream at once; on an idle one,
         // a transactional logical message (nothing else) gives the stream a commit after
-        // the anchor to stop before.
-        let mut rx = rx;
-        let reply = match tokio::time::timeout(NUDGE_AFTER, &mut rx).await {
-            Ok(reply) => reply,
-            Err(_) => {
-                nudge(source, &app).await;
-                tokio::time::timeout(BARRIER_WAIT, rx).await.map_err(|_| {
-                    Error::transient(format!(
-                        "the apply did not reach {} within {}s",
-                        created.consistent_point,
-                        BARRIER_WAIT.as_secs()
-                    ))
-                    .hint("the job is not streaming (still copying, stopped or failing); see cutover status")
-                })?
-            }
-        };
+        // the anchor to stop before. Nudged again every few seconds: one nudge can be lost
+        // (its connection refused on a loaded server, or taken before the barrier was).
+        let reply = wait_for_stream(rx, || nudge(source, &app))
+            .await
+            .map_err(|()| {
+                Error::transient(format!(
+                    "the apply did not reach {} within {}s",
+                    created.consistent_point,
+                    BARRIER_WAIT.as_secs()
+                ))
+                .hint("the job is not streaming (still copying, stopped or failing); see cutover status")
+            })?;
         match reply {
             Ok(BarrierReply::Held(target, touched)) => {
                 return Ok(Anchor {
@@ -174,17 +170,46 @@ pub async fn take(
     )))
 }
 
-/// How long to wait for source traffic before nudging the stream.
+/// How long to wait for source traffic before nudging the stream, and again between nudges.
 const NUDGE_AFTER: Duration = Duration::from_millis(500);
+const NUDGE_EVERY: Duration = Duration::from_secs(3);
+
+/// The stream's answer to a barrier, calling `nudge` while it does not come (first after
+/// [`NUDGE_AFTER`], then every [`NUDGE_EVERY`]); `Err(())` after [`BARRIER_WAIT`].
+async fn wait_for_stream<F, Fut>(
+    mut rx: oneshot::Receiver<BarrierReply>,
+    mut nudge: F,
+) -> std::result::Result<std::result::Result<BarrierReply, oneshot::error::RecvError>, ()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let deadline = tokio::time::Instant::now() + BARRIER_WAIT;
+    let mut wait = NUDGE_AFTER;
+    loop {
+        let until = (tokio::time::Instant::now() + wait).min(deadline);
+        match tokio::time::timeout_at(until, &mut rx).await {
+            Ok(reply) => return Ok(reply),
+            Err(_) if tokio::time::Instant::now() >= deadline => return Err(()),
+            Err(_) => {
+                nudge().await;
+                wait = NUDGE_EVERY;
+            }
+        }
+    }
+}
 
 /// Write a transactional logical message on the source, so the stream sees a commit.
 async fn nudge(source: &ConnParams, app: &str) {
-    if let Ok(c) = pg_conn::connect(source, app).await
-        && let Err(e) = c
+    let sent = match pg_conn::connect(source, app).await {
+        Ok(c) => c
             .batch_execute("SELECT pg_catalog.pg_logical_emit_message(true, 'cutover', 'anchor')")
             .await
-    {
-        tracing::debug!("could not nudge the stream: {e}");
+            .map_err(|e| Error::from_pg("write the anchor's logical message", "the source", &e)),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = sent {
+        tracing::warn!("could not nudge the stream for a verification anchor: {e}");
     }
 }
 
@@ -194,4 +219,42 @@ pub async fn hold_snapshot(client: &Client) -> Result<()> {
         .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SELECT 1")
         .await
         .map_err(|e| Error::from_pg("take the verification snapshot", "the target", &e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A lost nudge is followed by others: the barrier is answered after the third here,
+    /// long before the deadline; and a stream that never answers ends in `Err` at it.
+    #[tokio::test(start_paused = true)]
+    async fn the_stream_is_nudged_until_it_answers() {
+        let (tx, rx) = oneshot::channel();
+        let mut tx = Some(tx);
+        let nudges = AtomicUsize::new(0);
+        let started = tokio::time::Instant::now();
+        let reply = wait_for_stream(rx, || {
+            if nudges.fetch_add(1, Ordering::Relaxed) + 1 == 3
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(BarrierReply::Passed);
+            }
+            async {}
+        })
+        .await;
+        assert!(matches!(reply, Ok(Ok(BarrierReply::Passed))));
+        assert_eq!(nudges.load(Ordering::Relaxed), 3);
+        assert_eq!(started.elapsed(), NUDGE_AFTER + 2 * NUDGE_EVERY);
+
+        let (_tx, rx) = oneshot::channel();
+        let nudges = AtomicUsize::new(0);
+        let reply = wait_for_stream(rx, || {
+            nudges.fetch_add(1, Ordering::Relaxed);
+            async {}
+        })
+        .await;
+        assert!(reply.is_err());
+        assert!(nudges.load(Ordering::Relaxed) >= 39, "nudged all along");
+    }
 }
