@@ -515,3 +515,99 @@ async fn a_long_pass_renews_its_snapshots_inside_a_table() {
     assert!(writes > 20, "the writer wrote during the pass: {writes}");
     assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
 }
+
+/// A verification asked for while the stream is inside a source transaction pauses the
+/// apply at that transaction's end, even when the source is idle after it. (It used to
+/// wait for the next transaction to begin: on PostgreSQL 15 and later the source sends
+/// none for the verifier's own logical message, so `cutover verify` failed after 120 s
+/// with "the apply did not reach ...".) A trigger on the target (enabled ALWAYS, so it
+/// fires for the apply) makes each insert statement take a moment, which keeps the apply
+/// inside one large transaction for several seconds.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_verification_asked_for_inside_a_transaction_pauses_at_its_end() {
+    let (src, dst) = tokio::join!(cluster("midtx-src"), cluster("midtx-dst"));
+    let schema = "CREATE TABLE public.big (id int PRIMARY KEY, v int);";
+    for c in [&src, &dst] {
+        c.create_database("db").await.unwrap();
+        c.execute("db", schema).await.unwrap();
+    }
+    dst.execute(
+        "db",
+        "CREATE FUNCTION public.slow() RETURNS trigger LANGUAGE plpgsql AS
+           $$ BEGIN PERFORM pg_sleep(0.02); RETURN NULL; END $$;
+         CREATE TRIGGER slow AFTER INSERT ON public.big FOR EACH STATEMENT
+           EXECUTE FUNCTION public.slow();
+         ALTER TABLE public.big ENABLE ALWAYS TRIGGER slow;",
+    )
+    .await
+    .unwrap();
+    let job = Job::write(
+        "midtx",
+        &src.url("db"),
+        &dst.url("db"),
+        // A lag of minutes still lets the verifier anchor (it waits while the apply is
+        // behind by more than `max_lag`), so it asks while the transaction is applied.
+        "[verify]\nevery = \"0\"\n[ready]\nmax_lag = \"1h\"\n",
+    );
+    let mut daemon = Daemon::start(&job);
+    daemon
+        .wait_phase("streaming", Duration::from_secs(60))
+        .await;
+    let s = src.connect("db").await.unwrap();
+    let d = dst.connect("db").await.unwrap();
+    // One transaction, then nothing more on the source.
+    s.batch_execute("INSERT INTO big SELECT g, g FROM generate_series(1, 300000) g")
+        .await
+        .unwrap();
+    // The apply (on the job's control session) is inside it once the trigger sleeps.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while sessions_waiting(&d, "cutover/midtx/control", "PgSleep").await == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the apply never ran the trigger:\n{}",
+            daemon.output()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let path = job.path.to_str().unwrap().to_owned();
+    let started = std::time::Instant::now();
+    let (code, report) = tokio::task::spawn_blocking(move || run_json(&["verify", &path]))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "{report:#}\n{}", daemon.output());
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "verify took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        daemon
+            .output()
+            .contains("a verifier asks for a pause inside a source transaction"),
+        "the request did not reach the stream inside the transaction:\n{}",
+        daemon.output()
+    );
+    wait_equal(
+        &s,
+        &d,
+        "public.big",
+        "public.big",
+        Duration::from_secs(30),
+        Some(&daemon),
+    )
+    .await;
+    assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
+}
+
+/// Sessions on `client`'s server with application name `name` waiting on `event`.
+async fn sessions_waiting(client: &tokio_postgres::Client, name: &str, event: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE application_name = $1 AND wait_event = $2",
+            &[&name, &event],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}

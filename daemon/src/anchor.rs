@@ -110,6 +110,7 @@ pub async fn take(
             })
             .await
             .map_err(|_| Error::transient("the job is not running"))?;
+        tracing::debug!("asked the stream to pause for a verification anchor");
         // A stream inside a long transaction cannot pause soon: go on without (the
         // barrier may then be overtaken, and the attempt repeated).
         let _ = tokio::time::timeout(MAX_PAUSE, paused_rx).await;
@@ -135,9 +136,11 @@ pub async fn take(
         // Imported: the exporting session (and its temporary slot) may go.
         drop(session);
         // On a busy source the next transaction reaches the stream at once; on an idle one,
-        // a transactional logical message (nothing else) gives the stream a commit after
-        // the anchor to stop before. Nudged again every few seconds: one nudge can be lost
-        // (its connection refused on a loaded server, or taken before the barrier was).
+        // a transactional logical message moves the source's WAL past the anchor: the
+        // stream then sees a commit after it (PostgreSQL 14 and earlier) or a keepalive
+        // past it (15 and later skip a transaction that only holds a message). Nudged again
+        // every few seconds: one nudge can be lost (its connection refused on a loaded
+        // server, or its WAL read before the barrier arrived).
         let reply = wait_for_stream(rx, || nudge(source, &app))
             .await
             .map_err(|()| {
@@ -199,7 +202,7 @@ where
     }
 }
 
-/// Write a transactional logical message on the source, so the stream sees a commit.
+/// Write a transactional logical message on the source, so the stream sees its WAL move.
 async fn nudge(source: &ConnParams, app: &str) {
     let sent = match pg_conn::connect(source, app).await {
         Ok(c) => c

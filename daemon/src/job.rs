@@ -867,11 +867,17 @@ impl Streaming<'_> {
         publish_applied(self.ctx, &self.applier, self.base, applied);
     }
 
-    /// A verifier asks for a pause: taken at once between transactions, else at the next
-    /// boundary.
+    /// A verifier asks for a pause: taken at once between transactions, else at the end
+    /// of the transaction being received. (Not at the start of the next one: an idle
+    /// source may send none for a long time, PostgreSQL 15 and later not even for the
+    /// verifier's own logical message, and the verifier would wait in vain.)
     async fn pause_requested(&mut self, req: PauseRequest) -> Result<()> {
         self.pause = Some(req);
-        if !self.applier.in_transaction() {
+        if self.applier.in_transaction() {
+            tracing::debug!(
+                "a verifier asks for a pause inside a source transaction; pausing at its end"
+            );
+        } else {
             self.maybe_pause().await?;
         }
         Ok(())
@@ -947,6 +953,7 @@ impl Streaming<'_> {
                 if let Some(p) = self.applier.commit(&c).await? {
                     self.confirm(p.end_lsn);
                 }
+                self.maybe_pause().await?;
             }
             StreamEvent::Message(msg) => match msg {
                 LogicalMessage::Relation(r) => {
@@ -966,6 +973,7 @@ impl Streaming<'_> {
                     if let Some(p) = self.applier.commit(&c).await? {
                         self.confirm(p.end_lsn);
                     }
+                    self.maybe_pause().await?;
                 }
                 other => {
                     return Err(Error::operator(format!(
@@ -1145,12 +1153,9 @@ async fn stream(
     let mut incoming: Option<PauseRequest> = None;
     loop {
         if let Some(req) = incoming.take() {
-            if ready.is_empty() {
-                st.pause_requested(req).await?;
-            } else {
-                // Taken at the next boundary, after the mapped steps.
-                st.pause = Some(req);
-            }
+            // The steps mapped already go first; the pause comes at a boundary after them.
+            st.steps(std::mem::take(&mut ready)).await?;
+            st.pause_requested(req).await?;
         }
         if (stopping || stop_deadline.is_some()) && !ready.is_empty() {
             st.steps(std::mem::take(&mut ready)).await?;
