@@ -5,6 +5,7 @@ mod support;
 
 use std::time::Duration;
 
+use cutover::cluster::Cluster;
 use support::*;
 
 const SCHEMA: &str = r#"
@@ -44,13 +45,7 @@ async fn verify_reports_exactly_the_corrupted_keys() {
     )
     .await
     .unwrap();
-    let job = Job::write("verify", &src.url("db"), &dst.url("db"), "");
-    let mut daemon = Daemon::start(&job);
-    daemon
-        .wait_phase("streaming", Duration::from_secs(60))
-        .await;
-    let s = src.connect("db").await.unwrap();
-    let d = dst.connect("db").await.unwrap();
+    let (job, mut daemon, s, d) = streaming(&src, &dst, "verify", "").await;
     for t in ["public.acc", "public.names", "public.bag", "public.num"] {
         wait_equal(&s, &d, t, t, Duration::from_secs(60), Some(&daemon)).await;
     }
@@ -173,18 +168,8 @@ async fn anchored_passes_under_write_load() {
     )
     .await
     .unwrap();
-    let job = Job::write(
-        "anchor",
-        &src.url("db"),
-        &dst.url("db"),
-        "[verify]\nevery = \"2s\"\n",
-    );
-    let mut daemon = Daemon::start(&job);
-    daemon
-        .wait_phase("streaming", Duration::from_secs(60))
-        .await;
-    let s = src.connect("db").await.unwrap();
-    let d = dst.connect("db").await.unwrap();
+    let (job, mut daemon, s, d) =
+        streaming(&src, &dst, "anchor", "[verify]\nevery = \"2s\"\n").await;
 
     // A writer that changes hot rows and inserts new ones all the time.
     let writer = Writer::start(src.connect("db").await.unwrap(), Duration::ZERO, |i| {
@@ -289,18 +274,8 @@ async fn changed_keys_are_verified_again_between_full_passes() {
     .await
     .unwrap();
     // One full pass at the start, then only re-verification for the rest of the test.
-    let job = Job::write(
-        "rever",
-        &src.url("db"),
-        &dst.url("db"),
-        "[verify]\nevery = \"1h\"\n",
-    );
-    let mut daemon = Daemon::start(&job);
-    daemon
-        .wait_phase("streaming", Duration::from_secs(60))
-        .await;
-    let s = src.connect("db").await.unwrap();
-    let d = dst.connect("db").await.unwrap();
+    let (job, mut daemon, s, d) =
+        streaming(&src, &dst, "rever", "[verify]\nevery = \"1h\"\n").await;
     let status_until = |what: &'static str, pred: fn(&serde_json::Value) -> bool| {
         daemon.wait_status(what, Duration::from_secs(60), pred)
     };
@@ -388,18 +363,13 @@ async fn a_long_pass_renews_its_snapshots_inside_a_table() {
     // 100000 rows at 50000 rows a second: about two seconds, in chunks of 10000 rows, so
     // a one-second snapshot age is passed in the middle of the table. `words` takes 1.6 s
     // on its own, so it renews too, whatever the age of the snapshot it starts with.
-    let job = Job::write(
+    let (job, mut daemon, s, d) = streaming(
+        &src,
+        &dst,
         "renew",
-        &src.url("db"),
-        &dst.url("db"),
         "[verify]\nevery = \"0\"\nmax_rows_per_second = 50000\nsnapshot_max_age = \"1s\"\n",
-    );
-    let mut daemon = Daemon::start(&job);
-    daemon
-        .wait_phase("streaming", Duration::from_secs(60))
-        .await;
-    let s = src.connect("db").await.unwrap();
-    let d = dst.connect("db").await.unwrap();
+    )
+    .await;
     for t in ["public.big", "public.words"] {
         wait_equal_digest(&s, &d, t, t, Duration::from_secs(60), Some(&daemon)).await;
     }
@@ -541,20 +511,15 @@ async fn a_verification_asked_for_inside_a_transaction_pauses_at_its_end() {
     )
     .await
     .unwrap();
-    let job = Job::write(
+    // A lag of up to an hour still lets the verifier anchor (it waits while the apply is
+    // behind by more than `max_lag`), so it asks while the transaction is applied.
+    let (job, mut daemon, s, d) = streaming(
+        &src,
+        &dst,
         "midtx",
-        &src.url("db"),
-        &dst.url("db"),
-        // A lag of minutes still lets the verifier anchor (it waits while the apply is
-        // behind by more than `max_lag`), so it asks while the transaction is applied.
         "[verify]\nevery = \"0\"\n[ready]\nmax_lag = \"1h\"\n",
-    );
-    let mut daemon = Daemon::start(&job);
-    daemon
-        .wait_phase("streaming", Duration::from_secs(60))
-        .await;
-    let s = src.connect("db").await.unwrap();
-    let d = dst.connect("db").await.unwrap();
+    )
+    .await;
     // One transaction, then nothing more on the source.
     s.batch_execute("INSERT INTO big SELECT g, g FROM generate_series(1, 300000) g")
         .await
@@ -597,6 +562,24 @@ async fn a_verification_asked_for_inside_a_transaction_pauses_at_its_end() {
     )
     .await;
     assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
+}
+
+/// A job from database `db` of `src` to `db` of `dst` (with `extra` job TOML), started
+/// and streaming, and a client on each side.
+async fn streaming(
+    src: &Cluster,
+    dst: &Cluster,
+    name: &str,
+    extra: &str,
+) -> (Job, Daemon, tokio_postgres::Client, tokio_postgres::Client) {
+    let job = Job::write(name, &src.url("db"), &dst.url("db"), extra);
+    let mut daemon = Daemon::start(&job);
+    daemon
+        .wait_phase("streaming", Duration::from_secs(60))
+        .await;
+    let s = src.connect("db").await.unwrap();
+    let d = dst.connect("db").await.unwrap();
+    (job, daemon, s, d)
 }
 
 /// Sessions on `client`'s server with application name `name` waiting on `event`.
