@@ -274,13 +274,7 @@ async fn ddl_on_a_table_mapped_by_name() {
     .unwrap();
     dst.create_database("db").await.unwrap();
     dst.execute("db", schema).await.unwrap();
-    let job = Job::write("ddl", &src.url("db"), &dst.url("db"), "");
-    let mut daemon = Daemon::start(&job);
-    daemon
-        .wait_phase("streaming", Duration::from_secs(60))
-        .await;
-    let s = src.connect("db").await.unwrap();
-    let d = dst.connect("db").await.unwrap();
+    let (job, mut daemon, s, d) = streaming(&src, &dst, "ddl", "").await;
     let items = "public.items";
 
     // A new column with a default: added to the target, existing rows get the default.
@@ -485,18 +479,13 @@ async fn ddl_on_a_table_with_an_explicit_mapping() {
     )
     .await
     .unwrap();
-    let job = Job::write(
+    let (_job, mut daemon, s, d) = streaming(
+        &src,
+        &dst,
         "ddlx",
-        &src.url("db"),
-        &dst.url("db"),
         "[[table]]\nsource = \"public.prices\"\n\n[table.columns]\ncents = \"(amount * 100)::bigint\"\n",
-    );
-    let mut daemon = Daemon::start(&job);
-    daemon
-        .wait_phase("streaming", Duration::from_secs(60))
-        .await;
-    let s = src.connect("db").await.unwrap();
-    let d = dst.connect("db").await.unwrap();
+    )
+    .await;
     let by_hand = "(SELECT id, (amount * 100)::bigint, label FROM public.prices)";
     let prices = "public.prices";
     wait_equal(
@@ -582,19 +571,14 @@ async fn mapped_tables_survive_kill_9() {
     )
     .await
     .unwrap();
-    let job = Job::write(
+    let (job, mut daemon, s, d) = streaming(
+        &src,
+        &dst,
         "mapk",
-        &src.url("db"),
-        &dst.url("db"),
         "[[table]]\nsource = \"public.accounts\"\nwhere = \"region = 'eu'\"\n\n[table.columns]\ncents = \"(balance * 100)::bigint\"\n\n\
          [[table]]\nsource = \"public.journal\"\n\n[table.columns]\nshout = \"upper(note)\"\n",
-    );
-    let mut daemon = Daemon::start(&job);
-    daemon
-        .wait_phase("streaming", Duration::from_secs(60))
-        .await;
-    let s = src.connect("db").await.unwrap();
-    let d = dst.connect("db").await.unwrap();
+    )
+    .await;
     let writer = Writer::start(
         src.connect("db").await.unwrap(),
         Duration::from_millis(2),

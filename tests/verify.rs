@@ -5,7 +5,6 @@ mod support;
 
 use std::time::Duration;
 
-use cutover::cluster::Cluster;
 use support::*;
 
 const SCHEMA: &str = r#"
@@ -562,24 +561,6 @@ async fn a_verification_asked_for_inside_a_transaction_pauses_at_its_end() {
     )
     .await;
     assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
-}
-
-/// A job from database `db` of `src` to `db` of `dst` (with `extra` job TOML), started
-/// and streaming, and a client on each side.
-async fn streaming(
-    src: &Cluster,
-    dst: &Cluster,
-    name: &str,
-    extra: &str,
-) -> (Job, Daemon, tokio_postgres::Client, tokio_postgres::Client) {
-    let job = Job::write(name, &src.url("db"), &dst.url("db"), extra);
-    let mut daemon = Daemon::start(&job);
-    daemon
-        .wait_phase("streaming", Duration::from_secs(60))
-        .await;
-    let s = src.connect("db").await.unwrap();
-    let d = dst.connect("db").await.unwrap();
-    (job, daemon, s, d)
 }
 
 /// Sessions on `client`'s server with application name `name` waiting on `event`.

@@ -443,3 +443,21 @@ impl Writer {
         self.task.await.expect("the writer panicked")
     }
 }
+
+/// A job from database `db` of `src` to `db` of `dst` (with `extra` job TOML), started
+/// and streaming, and a client on each side.
+pub async fn streaming(
+    src: &Cluster,
+    dst: &Cluster,
+    name: &str,
+    extra: &str,
+) -> (Job, Daemon, tokio_postgres::Client, tokio_postgres::Client) {
+    let job = Job::write(name, &src.url("db"), &dst.url("db"), extra);
+    let mut daemon = Daemon::start(&job);
+    daemon
+        .wait_phase("streaming", Duration::from_secs(60))
+        .await;
+    let s = src.connect("db").await.unwrap();
+    let d = dst.connect("db").await.unwrap();
+    (job, daemon, s, d)
+}
