@@ -58,20 +58,33 @@ pub const MAX_FRAME: usize = (1 << 30) + 64 * 1024;
 /// How often a standby status update is sent while streaming.
 pub const STATUS_INTERVAL: Duration = Duration::from_millis(250);
 
-/// How many events may wait for the consumer before the task stops reading.
+/// How many events may wait for the consumer before the task stops reading, on TCP (16 Ki:
+/// about 2700 pgbench transactions, of six messages each).
 ///
 /// Enough for the consumer to read a whole group ahead while the target runs the one
 /// before: with 1024, the stream stopped a few hundred transactions ahead, and the daemon
-/// sat idle while the target ran a group. A unix socket holds only a few hundred small
-/// messages, so there the server also blocked whenever the apply waited for the target
-/// (measured: a mapped job took 1.72× native apply's time with 1024, 1.10× with this).
+/// sat idle while the target ran a group.
+///
+/// Not much more, though: events held here only let the server decode further ahead of
+/// the target. Where the walsender, the daemon and the target share CPUs, the target then
+/// ends alone after the stream has: with 64 Ki, the last 0.4-0.5 s of a 2 s catch-up ran
+/// on one of the machine's two CPUs, with 16 Ki the last 0.1 s, and the median catch-up
+/// rate rose 12% (faster in 3 of 3 pairs; 8 Ki was no better than 16 Ki). See
+/// docs/benchmarks.md, session 13. A unix socket keeps [`SOCKET_CHANNEL_CAPACITY`].
 ///
 /// On TCP, a task that reads every message as it arrives makes the server send a segment
 /// per message, which costs both sides far more than large segments. There the reads are
-/// spaced by [`READ_INTERVAL`] (measured: with this capacity and no interval, a catch-up
-/// cost the daemon 18.8 ms of CPU per 1000 transactions and 530 context switches; with the
-/// interval 9-12 ms and 50-90).
-pub const CHANNEL_CAPACITY: usize = 64 * 1024;
+/// spaced by [`READ_INTERVAL`] (measured with 64 Ki and no interval: a catch-up cost the
+/// daemon 18.8 ms of CPU per 1000 transactions and 530 context switches; with the interval
+/// 9-12 ms and 50-90).
+pub const CHANNEL_CAPACITY: usize = 16 * 1024;
+
+/// [`CHANNEL_CAPACITY`] on a unix socket. The socket holds only a few hundred small
+/// messages, so the server blocks whenever the task stops reading: a mapped job took 1.72×
+/// native apply's time with 1024 events, 1.10× with 64 Ki. There the daemon, not the
+/// target, is the slower side, and 16 Ki was slower than 64 Ki in 3 of 3 pairs (median
+/// 33.0 k against 36.0 k transactions/s; session 13).
+pub const SOCKET_CHANNEL_CAPACITY: usize = 64 * 1024;
 
 /// How many bytes of events may wait for the consumer before the task stops reading.
 /// With the event count this bounds the memory between the socket and the consumer,
@@ -1121,6 +1134,7 @@ impl StreamConfig {
     pub fn for_host(host: &str) -> Self {
         if is_socket_dir(host) {
             Self {
+                capacity: SOCKET_CHANNEL_CAPACITY,
                 read_interval: Duration::ZERO,
                 ..Self::default()
             }
@@ -1643,6 +1657,17 @@ impl Worker {
 mod tests {
     use super::*;
     use tokio::io::DuplexStream;
+
+    #[test]
+    fn a_unix_socket_holds_more_events_and_is_read_as_it_comes() {
+        let unix = StreamConfig::for_host("/var/run/postgresql");
+        assert_eq!(unix.capacity, SOCKET_CHANNEL_CAPACITY);
+        assert_eq!(unix.read_interval, Duration::ZERO);
+        let tcp = StreamConfig::for_host("127.0.0.1");
+        assert_eq!(tcp.capacity, CHANNEL_CAPACITY);
+        assert_eq!(tcp.read_interval, READ_INTERVAL);
+        assert!(tcp.capacity < unix.capacity);
+    }
 
     fn frame(tag: u8, body: &[u8]) -> Vec<u8> {
         let mut v = vec![tag];
