@@ -69,8 +69,9 @@ pub const STATUS_INTERVAL: Duration = Duration::from_millis(250);
 /// the target. Where the walsender, the daemon and the target share CPUs, the target then
 /// ends alone after the stream has: with 64 Ki, the last 0.4-0.5 s of a 2 s catch-up ran
 /// on one of the machine's two CPUs, with 16 Ki the last 0.1 s, and the median catch-up
-/// rate rose 12% (faster in 3 of 3 pairs; 8 Ki was no better than 16 Ki). See
-/// docs/benchmarks.md, session 13. A unix socket keeps [`SOCKET_CHANNEL_CAPACITY`].
+/// rate rose 12% and 6% in two runs (faster in 7 of 8 pairs; 8 Ki was no better than
+/// 16 Ki). See docs/benchmarks.md, session 13. A unix socket keeps
+/// [`SOCKET_CHANNEL_CAPACITY`].
 ///
 /// On TCP, a task that reads every message as it arrives makes the server send a segment
 /// per message, which costs both sides far more than large segments. There the reads are
