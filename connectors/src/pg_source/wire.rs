@@ -83,8 +83,10 @@ pub const CHANNEL_CAPACITY: usize = 16 * 1024;
 /// [`CHANNEL_CAPACITY`] on a unix socket. The socket holds only a few hundred small
 /// messages, so the server blocks whenever the task stops reading: a mapped job took 1.72×
 /// native apply's time with 1024 events, 1.10× with 64 Ki. There the daemon, not the
-/// target, is the slower side, and 16 Ki was slower than 64 Ki in 3 of 3 pairs (median
-/// 33.0 k against 36.0 k transactions/s; session 13).
+/// target, is the slower side. 16 Ki measured slower in 3 of 3 pairs (session 13), but
+/// on this path that bench run's first cutover build was slower than its second in
+/// every pair of three runs, whichever build it was; so 64 Ki, as measured before,
+/// stays.
 pub const SOCKET_CHANNEL_CAPACITY: usize = 64 * 1024;
 
 /// How many bytes of events may wait for the consumer before the task stops reading.
