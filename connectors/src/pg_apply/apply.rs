@@ -36,16 +36,6 @@ const MAX_SQL_BYTES: usize = 1 << 20;
 const MAX_ROWS_PER_STATEMENT: usize = 1000;
 /// Net changes held per group before they are sent, in (approximate) bytes.
 const MAX_QUEUED_BYTES: usize = 32 << 20;
-/// The first groups of an applier are smaller: the first holds an eighth of
-/// [`GroupLimits`]' transactions and rows, each next one twice as many, up to the limits.
-/// The target starts on the backlog while the stream decodes the rest, instead of idling
-/// until a whole first group is built.
-const RAMP_GROUPS: u32 = 3;
-
-/// A group limit for the group after `sent` groups (see [`RAMP_GROUPS`]).
-fn ramped(limit: usize, sent: u32) -> usize {
-    (limit >> (RAMP_GROUPS - sent.min(RAMP_GROUPS))).max(1)
-}
 
 /// When to end a target transaction that holds several source transactions.
 #[derive(Debug, Clone, Copy)]
@@ -236,8 +226,6 @@ pub struct Applier {
     group_started: Instant,
     group_txns: usize,
     group_rows: u64,
-    /// Groups sent so far, up to [`RAMP_GROUPS`].
-    groups_sent: u32,
     /// The source transaction being received: its commit LSN, and whether it is skipped
     /// (already applied, except for the changes of tables resuming at or before it).
     txn: Option<(Lsn, bool)>,
@@ -404,7 +392,6 @@ impl Applier {
             group_started: Instant::now(),
             group_txns: 0,
             group_rows: 0,
-            groups_sent: 0,
             txn: None,
             last_in_group: None,
             committed,
@@ -676,9 +663,8 @@ impl Applier {
     /// Whether the open group should be committed now.
     pub fn group_full(&self) -> bool {
         self.in_group
-            && (self.group_txns >= ramped(self.limits.max_transactions, self.groups_sent)
-                || self.group_rows
-                    >= ramped(self.limits.max_rows as usize, self.groups_sent) as u64
+            && (self.group_txns >= self.limits.max_transactions
+                || self.group_rows >= self.limits.max_rows
                 || self.group_started.elapsed() >= self.limits.max_age)
     }
 
@@ -1982,7 +1968,6 @@ impl Applier {
             group_ms: self.group_started.elapsed().as_millis() as u64,
         });
         self.in_group = false;
-        self.groups_sent = (self.groups_sent + 1).min(RAMP_GROUPS);
         if self.spare.is_some() {
             self.flight_footprint = Some(std::mem::take(&mut self.footprint));
         }
@@ -2353,18 +2338,4 @@ enum Settling {
     Answer(Option<std::result::Result<SimpleQueryMessage, tokio_postgres::Error>>),
     Early(Option<std::result::Result<SimpleQueryMessage, tokio_postgres::Error>>),
     Check,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_first_groups_ramp_up_to_the_limits() {
-        let sizes: Vec<usize> = (0..6).map(|sent| ramped(5000, sent)).collect();
-        assert_eq!(sizes, [625, 1250, 2500, 5000, 5000, 5000]);
-        // A limit too small to divide is never zero.
-        assert_eq!(ramped(1, 0), 1);
-        assert_eq!(ramped(3, 1), 1);
-    }
 }
