@@ -30,7 +30,7 @@ use cutover_connectors::pg_apply::{
 use cutover_connectors::pg_source::client::{
     ReplicationSession, ReplicationStream, StartOptions, StreamEvent,
 };
-use cutover_connectors::pg_source::decode::LogicalMessage;
+use cutover_connectors::pg_source::decode::{Commit, LogicalMessage};
 use cutover_connectors::pg_source::{provision, wire};
 use cutover_connectors::{Lsn, TableName, pg_conn};
 use futures_util::FutureExt;
@@ -942,6 +942,14 @@ impl Streaming<'_> {
         Ok(())
     }
 
+    /// A source transaction's Commit; a pause asked for inside it is taken here.
+    async fn commit(&mut self, c: &Commit) -> Result<()> {
+        if let Some(p) = self.applier.commit(c).await? {
+            self.confirm(p.end_lsn);
+        }
+        self.maybe_pause().await
+    }
+
     async fn event(&mut self, event: StreamEvent) -> Result<()> {
         match event {
             StreamEvent::Begin(b) => {
@@ -949,12 +957,7 @@ impl Streaming<'_> {
                 self.maybe_hold(Some(b.final_lsn), Lsn::ZERO).await?;
                 self.applier.begin(&b)?
             }
-            StreamEvent::Commit(c) => {
-                if let Some(p) = self.applier.commit(&c).await? {
-                    self.confirm(p.end_lsn);
-                }
-                self.maybe_pause().await?;
-            }
+            StreamEvent::Commit(c) => self.commit(&c).await?,
             StreamEvent::Message(msg) => match msg {
                 LogicalMessage::Relation(r) => {
                     // Only reached for relations the mapper passed on whole.
@@ -969,12 +972,7 @@ impl Streaming<'_> {
                 | LogicalMessage::Origin(_)
                 | LogicalMessage::Message(_) => {}
                 LogicalMessage::Begin(b) => self.applier.begin(&b)?,
-                LogicalMessage::Commit(c) => {
-                    if let Some(p) = self.applier.commit(&c).await? {
-                        self.confirm(p.end_lsn);
-                    }
-                    self.maybe_pause().await?;
-                }
+                LogicalMessage::Commit(c) => self.commit(&c).await?,
                 other => {
                     return Err(Error::operator(format!(
                         "unexpected message in a protocol 1 stream: {other:?}"
