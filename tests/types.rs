@@ -20,7 +20,10 @@ CREATE TABLE public.types (
     r int4range, tr tstzrange,
     ip inet, cidr_ cidr, mac macaddr, u uuid, money_ money,
     vb bit varying(16), bits bit(4),
-    tsv tsvector, pt point, x xml, bo boolean, c char(3), vc varchar(10), "select" text
+    tsv tsvector, pt point, x xml, bo boolean, c char(3), vc varchar(10), "select" text,
+    -- Blank-padded, with and without a length: `char(n)` pads what it is given to its
+    -- length, unbounded `bpchar` keeps the blanks it was given.
+    bp bpchar
 );
 -- The same without array columns (and with two dropped ones): the stream sends its rows
 -- to the target as one array per column (`unnest`), where `types` takes VALUES.
@@ -29,22 +32,22 @@ ALTER TABLE public.scalars DROP COLUMN arr, DROP COLUMN tarr;
 "#;
 
 /// `scalars`' columns, in order.
-const SCALAR_COLUMNS: &str = "n, f8, f4, ts, tstz, d, t, ttz, iv, j, jb, b, m, p, r, tr, ip, cidr_, mac, u, money_, vb, bits, tsv, pt, x, bo, c, vc, \"select\"";
+const SCALAR_COLUMNS: &str = "n, f8, f4, ts, tstz, d, t, ttz, iv, j, jb, b, m, p, r, tr, ip, cidr_, mac, u, money_, vb, bits, tsv, pt, x, bo, c, vc, \"select\", bp";
 
 const ROWS: &str = r#"
 INSERT INTO types VALUES
  (1, 'NaN', 'NaN', '-Infinity', 'infinity', '-infinity', '4713-01-01 BC', '24:00:00', '23:59:59.999999+14', '-178000000 years',
   '[0:2]={1,NULL,3}', '{"a,b","c\"d",NULL,""}', '{"a": 1, "a": 2}', '{"b": [1, {"c": null}], "a": 1}', '\x00ff',
   'happy', 7, '[1,10)', '["2020-01-01 00:00:00+00",infinity)', '192.168.0.1/24', '10.0.0.0/8', '08:00:2b:01:02:03',
-  'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '-12.34', B'101', B'1010', 'a fat:1 cat:2', '(1.5,-0)', '<a>x</a>', true, 'ab', 'ten chars!', 'reserved word'),
+  'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '-12.34', B'101', B'1010', 'a fat:1 cat:2', '(1.5,-0)', '<a>x</a>', true, 'ab', 'ten chars!', 'reserved word', 'ab  '),
  (2, 'Infinity', '-0', 'Infinity', '294276-12-31 23:59:59.999999', '2000-02-29 12:00:00.123456+05:30', '5874897-12-31', '00:00:00', '00:00:00-15:59', '1 mon 2 days -03:04:05.000006',
   '{}', '{}', '[]', '{}', '\x', 'sad', 1, 'empty', 'empty', '::1', '::/0', '00:00:00:00:00:00',
-  '00000000-0000-0000-0000-000000000000', '0', B'', B'0000', '', '(0,0)', '<a/>', false, '', '', ''),
+  '00000000-0000-0000-0000-000000000000', '0', B'', B'0000', '', '(0,0)', '<a/>', false, '', '', '', '   '),
  (3, '-Infinity', '1e308', '1.17549435e-38', NULL, NULL, NULL, NULL, NULL, NULL,
-  NULL, NULL, NULL, 'null', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 'NULL'),
+  NULL, NULL, NULL, 'null', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, 'NULL', NULL),
  (4, '0.000000000000000000000000000001', '2.2250738585072014e-308', '-0', '2024-02-29 00:00:00', '1999-12-31 23:59:59+00', '2024-01-01', '12:34:56.789', '12:34:56+00', '0',
   '{{1,2},{3,4}}', '{"\\backslash","new\nline","tab\t"}', '"just a string"', '"\u00e9"', '\x5c27', 'ok', 2147483647, '(,)', '(,"2030-01-01 00:00:00+00"]', '2001:db8::1', '2001:db8::/32', 'ff:ff:ff:ff:ff:ff',
-  'ffffffff-ffff-ffff-ffff-ffffffffffff', '92233720368547758.07', B'1111111111111111', B'1111', '''quoted'' lexeme', '(-1e-300,1e300)', '<?xml version="1.0"?><r/>', NULL, 'x', 'x', E'multi\nline ''text'' "q" \\ end');
+  'ffffffff-ffff-ffff-ffff-ffffffffffff', '92233720368547758.07', B'1111111111111111', B'1111', '''quoted'' lexeme', '(-1e-300,1e300)', '<?xml version="1.0"?><r/>', NULL, 'x  ', 'x', E'multi\nline ''text'' "q" \\ end', ' x ');
 "#;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -120,7 +123,7 @@ async fn round_trip(net: bool) {
     // The same values through the stream: re-insert them under new keys, then update and
     // delete by them.
     s.batch_execute(
-        "INSERT INTO types SELECT id + 100, n, f8, f4, ts, tstz, d, t, ttz, iv, arr, tarr, j, jb, b, m, p, r, tr, ip, cidr_, mac, u, money_, vb, bits, tsv, pt, x, bo, c, vc, \"select\" FROM types;
+        "INSERT INTO types SELECT id + 100, n, f8, f4, ts, tstz, d, t, ttz, iv, arr, tarr, j, jb, b, m, p, r, tr, ip, cidr_, mac, u, money_, vb, bits, tsv, pt, x, bo, c, vc, \"select\", bp FROM types;
          UPDATE types SET n = 'NaN', f8 = '-0', arr = '[5:5]={9}' WHERE id = 104;
          DELETE FROM types WHERE id = 103;",
     )
@@ -134,6 +137,7 @@ async fn round_trip(net: bool) {
          UPDATE scalars SET n = 'NaN', f8 = '-0' WHERE id = 101;
          UPDATE scalars SET \"select\" = coalesce(\"select\", '') || E' \\\\\"{{x}}'' NULL' WHERE id <> 104;
          UPDATE scalars SET vc = NULL, tsv = $$'it''s' \"q\"$$ WHERE id IN (1, 4, 101);
+         UPDATE scalars SET c = '  ', bp = 'q  ' WHERE id IN (2, 102);
          DELETE FROM scalars WHERE id IN (3, 103);
          COMMIT;"
     ))
@@ -155,5 +159,18 @@ async fn round_trip(net: bool) {
         .unwrap()
         .get(0);
     assert_eq!(f8, "-0");
+    // Blanks arrive: `char(3)` holds three (padding), `bpchar` the ones it was given
+    // (`::text` would strip them; the row comparison above sees them too).
+    let octets: Vec<(i32, i32, i32)> = d
+        .query(
+            "SELECT id, octet_length(c), octet_length(bp) FROM scalars WHERE id IN (2, 4, 102, 104) ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(octets, [(2, 3, 3), (4, 3, 3), (102, 3, 3), (104, 3, 3)]);
     assert_eq!(daemon.terminate(Duration::from_secs(20)), Some(0));
 }

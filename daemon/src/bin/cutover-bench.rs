@@ -764,11 +764,22 @@ impl Bench {
         if self.catchup_two_sessions {
             tools.insert(1, (OURS_TWO_SESSIONS, Kind::Ours));
         }
-        if self.compare_bin.is_some() {
-            tools.insert(1, (OURS_OTHER_BUILD, Kind::Ours));
-        }
+        // The other build runs right beside this one, first on even repetitions: the two
+        // builds of an A/B then follow the same tool in turn, and each goes first as often.
+        // (Rotated apart, one build ran after the pg_recvlogical floor in every
+        // repetition but the first, and was the slower of the pair in 9 of 9 pairs over
+        // the unix socket, whichever build it was.)
+        let pair = self.compare_bin.is_some();
         for rep in 1..=reps {
-            for &(tool, kind) in &tools {
+            let mut order = tools.clone();
+            if pair {
+                let at = order.iter().position(|&(t, _)| t == OURS).unwrap_or(0);
+                order.insert(
+                    at + usize::from(rep % 2 == 1),
+                    (OURS_OTHER_BUILD, Kind::Ours),
+                );
+            }
+            for &(tool, kind) in &order {
                 if let Err(e) = self.quiesce().await {
                     eprintln!("cutover-bench: checkpoint before {tool} failed: {e:#}");
                 }
