@@ -68,10 +68,11 @@ pub const STATUS_INTERVAL: Duration = Duration::from_millis(250);
 /// Not much more, though: events held here only let the server decode further ahead of
 /// the target. Where the walsender, the daemon and the target share CPUs, the target then
 /// ends alone after the stream has: with 64 Ki, the last 0.4-0.5 s of a 2 s catch-up ran
-/// on one of the machine's two CPUs, with 16 Ki the last 0.1 s, and the median catch-up
-/// rate rose 12% and 6% in two runs (faster in 7 of 8 pairs; 8 Ki was no better than
-/// 16 Ki). See docs/benchmarks.md, session 13. A unix socket keeps
-/// [`SOCKET_CHANNEL_CAPACITY`].
+/// on one of the machine's two CPUs, and with 16 Ki the median catch-up rate rose 12% and
+/// 6% in two runs (faster in 7 of 8 pairs; 8 Ki was no better than 16 Ki). What is left
+/// of that last stretch, 0.25-0.35 s, is mostly what the two TCP socket buffers hold
+/// (several MB), which this capacity does not bound. See docs/benchmarks.md, sessions 13
+/// and 14. A unix socket keeps [`SOCKET_CHANNEL_CAPACITY`].
 ///
 /// On TCP, a task that reads every message as it arrives makes the server send a segment
 /// per message, which costs both sides far more than large segments. There the reads are
