@@ -44,22 +44,18 @@ fn gate_check(body: &str) -> String {
     )
 }
 
-/// A job with two apply sessions that has made its snapshot and stopped, and a session on
-/// each side, the source's with `synchronous_commit = off` (for the backlog to come).
+/// A job with `sessions` (its `[target]` keys) that has made its snapshot and stopped, and
+/// a session on each side, the source's with `synchronous_commit = off` (for the backlog
+/// to come).
 async fn snapshot_and_stop(
     src: &Cluster,
     dst: &Cluster,
     name: &str,
+    sessions: &str,
 ) -> (tokio_postgres::Client, tokio_postgres::Client, Job) {
     let s = src.connect("db").await.unwrap();
     let d = dst.connect("db").await.unwrap();
-    let job = Job::write_with_target(
-        name,
-        &src.url("db"),
-        &dst.url("db"),
-        TWO_SESSIONS,
-        NO_VERIFIER,
-    );
+    let job = Job::write_with_target(name, &src.url("db"), &dst.url("db"), sessions, NO_VERIFIER);
     let mut daemon = Daemon::start(&job);
     daemon.wait_phase("streaming", TIMEOUT).await;
     assert_eq!(daemon.terminate(TIMEOUT), Some(0), "{}", daemon.output());
@@ -69,11 +65,28 @@ async fn snapshot_and_stop(
     (s, d, job)
 }
 
-/// Two clusters with the schema (and `target_extra` on the target), a job that has made
-/// its snapshot and stopped, and a backlog of `n` source transactions behind it, each
-/// inserting row `i` into `seq` and `log` and setting `gate` to `i`.
+/// Two clusters with the schema (and `target_extra` on the target), a job with two apply
+/// sessions that has made its snapshot and stopped, and a backlog of `n` source
+/// transactions behind it, each inserting row `i` into `seq` and `log` and setting `gate`
+/// to `i`.
 async fn backlog(
     name: &str,
+    target_extra: &str,
+    n: u32,
+) -> (
+    Cluster,
+    Cluster,
+    tokio_postgres::Client,
+    tokio_postgres::Client,
+    Job,
+) {
+    backlog_with(name, TWO_SESSIONS, target_extra, n).await
+}
+
+/// [`backlog`] for a job with `sessions` (its `[target]` keys).
+async fn backlog_with(
+    name: &str,
+    sessions: &str,
     target_extra: &str,
     n: u32,
 ) -> (
@@ -91,7 +104,7 @@ async fn backlog(
     dst.execute("db", &format!("{SCHEMA}{target_extra}"))
         .await
         .unwrap();
-    let (s, d, job) = snapshot_and_stop(&src, &dst, name).await;
+    let (s, d, job) = snapshot_and_stop(&src, &dst, name, sessions).await;
     // (The DO block alone in its query: COMMIT is refused in a multi-statement one.)
     s.batch_execute(&format!(
         "DO $$ BEGIN
@@ -288,7 +301,7 @@ async fn a_relation_message_mid_group_keeps_each_keys_last_change() {
     )
     .await
     .unwrap();
-    let (s, d, job) = snapshot_and_stop(&src, &dst, "pipe-rel").await;
+    let (s, d, job) = snapshot_and_stop(&src, &dst, "pipe-rel", TWO_SESSIONS).await;
     s.batch_execute(
         "DO $$ BEGIN
            FOR i IN 1..30000 LOOP
@@ -310,4 +323,45 @@ async fn a_relation_message_mid_group_keeps_each_keys_last_change() {
         daemon.output()
     );
     daemon.terminate(TIMEOUT);
+}
+
+/// The source transactions of each group the daemon committed, in order (its debug log).
+fn committed_groups(output: &str) -> Vec<u64> {
+    output
+        .lines()
+        .filter(|l| l.contains("committed a group"))
+        .filter_map(|l| {
+            let n = l.split("transactions=").nth(1)?;
+            n.split_whitespace().next()?.parse().ok()
+        })
+        .collect()
+}
+
+/// One target session (the default): the target has nothing to do when the catch-up
+/// begins, so the first group goes as soon as it holds 1000 source transactions instead of
+/// filling up to 5000. Once a group is in flight (each one's update of `gate` sleeps on the
+/// target here), the next fills up as before: small groups cost the target more.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_target_gets_the_first_thousand_transactions_at_once() {
+    let check = gate_check("PERFORM pg_sleep(0.3);");
+    let (_src, _dst, s, d, job) = backlog_with("pipe-eager", "", &check, 12000).await;
+    let mut daemon = Daemon::start(&job);
+    assert_equal(&s, &d, &daemon).await;
+    // (Stopped first: every group's answer is then read and logged.)
+    assert_eq!(daemon.terminate(TIMEOUT), Some(0), "{}", daemon.output());
+    let output = daemon.output();
+    let groups = committed_groups(&output);
+    assert_eq!(
+        groups.iter().sum::<u64>(),
+        12000,
+        "every transaction is in one committed group: {groups:?}\n{output}"
+    );
+    assert!(
+        groups[0] <= 1000,
+        "the first group waited for more than 1000 transactions: {groups:?}"
+    );
+    assert!(
+        groups.iter().any(|&n| n > 1000),
+        "groups built while one was in flight did not fill up: {groups:?}"
+    );
 }

@@ -36,6 +36,9 @@ const MAX_SQL_BYTES: usize = 1 << 20;
 const MAX_ROWS_PER_STATEMENT: usize = 1000;
 /// Net changes held per group before they are sent, in (approximate) bytes.
 const MAX_QUEUED_BYTES: usize = 32 << 20;
+/// Source transactions a group holds at least before it is sent early, when the target
+/// is idle (see [`Applier::target_idle`]).
+const EAGER_GROUP_TXNS: usize = 1000;
 
 /// When to end a target transaction that holds several source transactions.
 #[derive(Debug, Clone, Copy)]
@@ -1505,12 +1508,24 @@ impl Applier {
         }
         self.group_txns += 1;
         self.last_in_group = Some(progress);
-        if self.group_full() {
+        if self.group_full() || (self.group_txns >= EAGER_GROUP_TXNS && self.target_idle()) {
             // More is coming: neither wait for the target's answer nor for its WAL flush
             // (see `flush_group`).
             self.flush_group(false).await?;
         }
         Ok(self.announce.take())
+    }
+
+    /// Whether the target has nothing to do while groups overlap: no group is in flight.
+    /// A group of [`EAGER_GROUP_TXNS`] source transactions or more then goes at once
+    /// instead of filling up: at the start of a catch-up the target begins after the first
+    /// thousand transactions, not after the first full group. A group in flight is not
+    /// polled for its answer here: once one is in flight, groups fill up as before (small
+    /// groups cost the target more per transaction).
+    fn target_idle(&self) -> bool {
+        // Without overlap every group's answer is waited for, so none is ever in flight
+        // here; with a second session, groups go ahead on their own terms.
+        self.overlap && self.spare.is_none() && self.in_flight.is_none()
     }
 
     /// Whether `plan`'s changes may be folded into net changes (see [`super::net`]).
