@@ -20,7 +20,7 @@ use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryStream};
 
 use super::arrays::ColumnArrays;
 use super::net::{FastMap, FastSet};
-use super::net::{NotFoldable, TableQueue, key_bytes};
+use super::net::{NotFoldable, TableQueue, key_bytes, orders_as_integer, sort_by_key};
 use super::plan::TablePlan;
 use super::state::Progress;
 use crate::error::{Error, Result};
@@ -1697,6 +1697,22 @@ impl Applier {
                     updates.entry(shape).or_default().push(row);
                 }
             }
+        }
+        // Each statement's rows in key order (see `sort_by_key`); rows appended to a table
+        // without a key keep the source's order.
+        let key_order: Vec<(usize, bool)> = keys
+            .iter()
+            .map(|&j| (j, orders_as_integer(&plan.columns[j].type_name)))
+            .collect();
+        let deleted_order: Vec<(usize, bool)> = key_order
+            .iter()
+            .enumerate()
+            .map(|(n, &(_, integer))| (n, integer))
+            .collect();
+        sort_by_key(&mut deletes, &deleted_order);
+        sort_by_key(&mut inserts, &key_order);
+        for rows in updates.values_mut() {
+            sort_by_key(rows, &key_order);
         }
         let arrays = |cols: &[usize]| cols.iter().all(|&j| plan.columns[j].array_element);
         let types = |cols: &[usize]| -> Vec<&str> {

@@ -70,6 +70,47 @@ pub fn key_bytes(key: &[&ColumnValue]) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// One key column's value, for putting rows in key order.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum KeyPart {
+    Null,
+    Int(i64),
+    Text(bytes::Bytes),
+}
+
+/// Whether a column of this type (as `format_type` prints it) is put in order by number
+/// rather than by the bytes of its text.
+pub fn orders_as_integer(type_name: &str) -> bool {
+    matches!(type_name, "smallint" | "integer" | "bigint")
+}
+
+/// Put rows in the order of their key: `key` gives each key column's index in a row, and
+/// whether its values are integers (ordered by number; any other type, or a value that
+/// does not parse, by its text's bytes, which is the order of the target's index for
+/// many types and a fixed one for the rest).
+///
+/// Net changes come out of a hash map in no order; sent in key order, each statement's
+/// rows walk the target's key index and (for a table loaded in key order) its heap from
+/// one end to the other rather than at random. On a pgbench target, a 5000-row
+/// `pgbench_accounts` update took 91-95 ms of the backend's CPU in key order against
+/// 113-140 ms at random (docs/benchmarks.md, session 15).
+pub fn sort_by_key(rows: &mut [Vec<ColumnValue>], key: &[(usize, bool)]) {
+    if key.is_empty() || rows.len() < 2 {
+        return;
+    }
+    rows.sort_by_cached_key(|row| {
+        key.iter()
+            .map(|&(j, integer)| match row.get(j) {
+                Some(ColumnValue::Text(b) | ColumnValue::Binary(b)) => integer
+                    .then(|| std::str::from_utf8(b).ok()?.parse::<i64>().ok())
+                    .flatten()
+                    .map_or_else(|| KeyPart::Text(b.clone()), KeyPart::Int),
+                _ => KeyPart::Null,
+            })
+            .collect::<Vec<_>>()
+    });
+}
+
 fn size(values: &[ColumnValue]) -> usize {
     values
         .iter()
@@ -200,6 +241,43 @@ mod tests {
 
     fn op(q: &TableQueue, k: &str) -> Option<NetOp> {
         q.rows.get(&key(k).0).map(|(_, op)| op.clone())
+    }
+
+    #[test]
+    fn rows_are_put_in_key_order() {
+        let row = |k: &str, other: &str| vec![t(other), t(k)];
+        // Integers by number (10 after 9), a value that does not parse and text by bytes.
+        let mut rows = vec![
+            row("10", "a"),
+            row("9", "b"),
+            row("-3", "c"),
+            row("x", "d"),
+            row("100", "e"),
+        ];
+        sort_by_key(&mut rows, &[(1, true)]);
+        let keys: Vec<_> = rows.iter().map(|r| r[1].clone()).collect();
+        assert_eq!(keys, vec![t("-3"), t("9"), t("10"), t("100"), t("x")]);
+        sort_by_key(&mut rows, &[(1, false)]);
+        let keys: Vec<_> = rows.iter().map(|r| r[1].clone()).collect();
+        assert_eq!(keys, vec![t("-3"), t("10"), t("100"), t("9"), t("x")]);
+        // Two key columns: the first decides, the second breaks ties; NULL first.
+        let mut rows = vec![
+            vec![t("2"), t("b")],
+            vec![t("1"), t("z")],
+            vec![t("2"), t("a")],
+            vec![ColumnValue::Null, t("q")],
+        ];
+        sort_by_key(&mut rows, &[(0, true), (1, false)]);
+        assert_eq!(
+            rows,
+            vec![
+                vec![ColumnValue::Null, t("q")],
+                vec![t("1"), t("z")],
+                vec![t("2"), t("a")],
+                vec![t("2"), t("b")],
+            ]
+        );
+        assert!(orders_as_integer("bigint") && !orders_as_integer("numeric"));
     }
 
     #[test]
