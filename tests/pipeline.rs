@@ -65,26 +65,11 @@ async fn snapshot_and_stop(
     (s, d, job)
 }
 
-/// Two clusters with the schema (and `target_extra` on the target), a job with two apply
-/// sessions that has made its snapshot and stopped, and a backlog of `n` source
+/// Two clusters with the schema (and `target_extra` on the target), a job with `sessions`
+/// (its `[target]` keys) that has made its snapshot and stopped, and a backlog of `n` source
 /// transactions behind it, each inserting row `i` into `seq` and `log` and setting `gate`
 /// to `i`.
 async fn backlog(
-    name: &str,
-    target_extra: &str,
-    n: u32,
-) -> (
-    Cluster,
-    Cluster,
-    tokio_postgres::Client,
-    tokio_postgres::Client,
-    Job,
-) {
-    backlog_with(name, TWO_SESSIONS, target_extra, n).await
-}
-
-/// [`backlog`] for a job with `sessions` (its `[target]` keys).
-async fn backlog_with(
     name: &str,
     sessions: &str,
     target_extra: &str,
@@ -174,7 +159,7 @@ async fn assert_equal(s: &tokio_postgres::Client, d: &tokio_postgres::Client, da
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_group_takes_the_next_groups_early_part_with_it() {
     let check = gate_check("IF n >= 8000 THEN PERFORM pg_sleep(2); RETURN false; END IF;");
-    let (_src, _dst, _s, d, job) = backlog("pipe-fail", &check, 20000).await;
+    let (_src, _dst, _s, d, job) = backlog("pipe-fail", TWO_SESSIONS, &check, 20000).await;
     let mut daemon = Daemon::start(&job);
     wait_for_overlap(&d, &job, &mut daemon).await;
     let output = daemon.wait_exit(TIMEOUT, "on the failed group").await;
@@ -217,7 +202,7 @@ async fn kill_9_beside_an_early_part_loses_and_duplicates_nothing() {
            IF nextval('public.once') = 1 THEN PERFORM pg_sleep(3); END IF;
          END IF;",
     );
-    let (_src, _dst, s, d, job) = backlog("pipe-kill", &check, 20000).await;
+    let (_src, _dst, s, d, job) = backlog("pipe-kill", TWO_SESSIONS, &check, 20000).await;
     let mut daemon = Daemon::start(&job);
     wait_for_overlap(&d, &job, &mut daemon).await;
     daemon.kill9();
@@ -233,7 +218,7 @@ async fn kill_9_beside_an_early_part_loses_and_duplicates_nothing() {
 /// once the waiting group has committed.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_group_waiting_for_a_lock_has_the_early_part_sent_again_after_it() {
-    let (_src, dst, s, d, job) = backlog("pipe-lock", "", 60000).await;
+    let (_src, dst, s, d, job) = backlog("pipe-lock", TWO_SESSIONS, "", 60000).await;
     let holder = dst.connect("db").await.unwrap();
     let mut daemon = Daemon::start(&job);
     daemon.wait_log("groups overlap", TIMEOUT).await;
@@ -344,7 +329,7 @@ fn committed_groups(output: &str) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_idle_target_gets_the_first_thousand_transactions_at_once() {
     let check = gate_check("PERFORM pg_sleep(0.3);");
-    let (_src, _dst, s, d, job) = backlog_with("pipe-eager", "", &check, 12000).await;
+    let (_src, _dst, s, d, job) = backlog("pipe-eager", "", &check, 12000).await;
     let mut daemon = Daemon::start(&job);
     assert_equal(&s, &d, &daemon).await;
     // (Stopped first: every group's answer is then read and logged.)

@@ -5,8 +5,8 @@
 //! the final state of each row is visible to anyone else, so a row inserted then updated
 //! three times is one INSERT of its last image, and a counter updated a thousand times is
 //! one UPDATE. The reduced changes of a table are then sent as a handful of set-based
-//! statements: one `DELETE ... IN`, multi-row `INSERT`s, and `UPDATE ... FROM (VALUES ...)`
-//! per shape of update.
+//! statements: deletes, inserts, and one update per shape of update, each statement's rows
+//! in key order ([`sort_by_key`]).
 //!
 //! This reorders changes across keys (and across tables), which is only invisible when
 //! nothing on the target depends on that order: the table has no unique index or
