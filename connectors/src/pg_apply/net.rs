@@ -60,14 +60,32 @@ pub fn key_bytes(key: &[&ColumnValue]) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     for v in key {
         match v {
-            ColumnValue::Text(b) | ColumnValue::Binary(b) => {
-                out.extend_from_slice(&(b.len() as u64).to_le_bytes());
-                out.extend_from_slice(b);
-            }
+            ColumnValue::Text(b) | ColumnValue::Binary(b) => push_key_part(&mut out, b),
             ColumnValue::Null | ColumnValue::UnchangedToast => return None,
         }
     }
     Some(out)
+}
+
+/// Append one key value to key bytes (see [`key_bytes`]).
+pub fn push_key_part(out: &mut Vec<u8>, value: &[u8]) {
+    out.extend_from_slice(&(value.len() as u64).to_le_bytes());
+    out.extend_from_slice(value);
+}
+
+/// The values of key bytes made of text values, as text (what [`key_bytes`] took apart
+/// it puts together; anything else, malformed, ends the list where it stops making sense).
+pub fn key_text(mut key: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    while let Some((len, rest)) = key.split_first_chunk::<8>() {
+        let len = usize::try_from(u64::from_le_bytes(*len)).unwrap_or(usize::MAX);
+        let Some((value, rest)) = rest.split_at_checked(len) else {
+            break;
+        };
+        out.push(String::from_utf8_lossy(value).into_owned());
+        key = rest;
+    }
+    out
 }
 
 /// One key column's value, for putting rows in key order.
@@ -241,6 +259,18 @@ mod tests {
 
     fn op(q: &TableQueue, k: &str) -> Option<NetOp> {
         q.rows.get(&key(k).0).map(|(_, op)| op.clone())
+    }
+
+    #[test]
+    fn key_bytes_give_their_text_back() {
+        let (a, b, c) = (t("a"), t("b'c"), t(""));
+        let bytes = key_bytes(&[&a, &b, &c]).unwrap();
+        assert_eq!(key_text(&bytes), ["a", "b'c", ""]);
+        assert_eq!(key_text(&[]), Vec::<String>::new());
+        // Cut short: the values that are whole, never a panic.
+        assert_eq!(key_text(&bytes[..bytes.len() - 8]), ["a", "b'c"]);
+        assert_eq!(key_text(&bytes[..bytes.len() - 9]), ["a"]);
+        assert_eq!(key_text(&bytes[..12]), ["a"]);
     }
 
     #[test]
