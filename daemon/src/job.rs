@@ -249,19 +249,31 @@ pub(crate) async fn plan_tables(
     let same_database = source_params.host == target_params.host
         && source_params.port == target_params.port
         && source_params.dbname == target_params.dbname;
+    let resolved = resolve_tables(spec, source).await?;
+    if let Some((src, _, _)) = resolved
+        .iter()
+        .find(|(src, dst, _)| same_database && src == dst)
+    {
+        return Err(Error::operator(format!(
+            "table {src} would be copied onto itself: source and target are the same database"
+        ))
+        .hint("set [target] schema, or give the [[table]] a target in another schema"));
+    }
+    // Both catalogs of every table are read at once: the queries pipeline on the two
+    // sessions, so a job's start takes a few round trips rather than several per table.
+    let infos = futures_util::future::try_join_all(resolved.iter().map(|(src, dst, _)| {
+        futures_util::future::try_join(
+            catalog::table_info(source, src),
+            catalog::table_info(target, dst),
+        )
+    }))
+    .await?;
     let mut plans = Vec::new();
-    for (src, dst, mapping) in resolve_tables(spec, source).await? {
-        if same_database && src == dst {
-            return Err(Error::operator(format!(
-                "table {src} would be copied onto itself: source and target are the same database"
-            ))
-            .hint("set [target] schema, or give the [[table]] a target in another schema"));
-        }
-        let s: TableInfo = catalog::table_info(source, &src).await?.ok_or_else(|| {
+    for ((src, dst, mapping), (s, mut existing)) in resolved.into_iter().zip(infos) {
+        let s: TableInfo = s.ok_or_else(|| {
             Error::operator(format!("source table {src} does not exist"))
                 .hint("check the [[table]] source names and the [source] url's database")
         })?;
-        let mut existing = catalog::table_info(target, &dst).await?;
         if existing.is_none() && create_missing && spec.target.create_tables {
             if !mapping.columns.is_empty() {
                 return Err(Error::operator(format!(
@@ -297,8 +309,11 @@ async fn run_once(ctx: &JobContext) -> Result<Ended> {
     let spec = &ctx.spec;
     let slot = ctx.slot();
     let publication = slot.clone();
-    let source = pg_conn::connect(&ctx.source, &ctx.app_name("control")).await?;
-    let target = pg_conn::connect(&ctx.target, &ctx.app_name("control")).await?;
+    let control = ctx.app_name("control");
+    let (source, target) = tokio::try_join!(
+        pg_conn::connect(&ctx.source, &control),
+        pg_conn::connect(&ctx.target, &control)
+    )?;
     // This session repairs, controls the copy and applies: before it reads or changes the
     // job's state on the target, the earlier run's control session must be gone (a daemon
     // killed mid-group leaves its transaction running; see `lock_job`).
