@@ -250,10 +250,7 @@ pub(crate) async fn plan_tables(
         && source_params.port == target_params.port
         && source_params.dbname == target_params.dbname;
     let resolved = resolve_tables(spec, source).await?;
-    if let Some((src, _, _)) = resolved
-        .iter()
-        .find(|(src, dst, _)| same_database && src == dst)
-    {
+    if same_database && let Some((src, _, _)) = resolved.iter().find(|(src, dst, _)| src == dst) {
         return Err(Error::operator(format!(
             "table {src} would be copied onto itself: source and target are the same database"
         ))
