@@ -528,6 +528,21 @@ async fn hostile_names_are_names_and_a_failed_preflight_creates_nothing() {
         created, 0,
         "a failed pre-flight must create no slot and no publication"
     );
+    // Source and target the same database, tables mapped by name: refused before
+    // anything is created.
+    let onto_itself = Job::write("itself", &src.url("db"), &src.url("db"), "");
+    let out = std::process::Command::new(bin())
+        .arg("run")
+        .arg(&onto_itself.path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("would be copied onto itself") && err.contains("hint: set [target] schema"),
+        "{err}"
+    );
+    assert_eq!(slots_and_publications(&s).await, 0);
     src.execute("db", "DROP TABLE public.only_on_source")
         .await
         .unwrap();
