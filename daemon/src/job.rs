@@ -976,8 +976,8 @@ impl Streaming<'_> {
                     let table = TableName::new(r.namespace.clone(), r.name.clone());
                     self.applier.relation(&r, table, None, &[], None).await?;
                 }
-                LogicalMessage::Insert(i) => self.applier.insert(&i).await?,
-                LogicalMessage::Update(u) => self.applier.update(&u).await?,
+                LogicalMessage::Insert(i) => self.applier.insert(i).await?,
+                LogicalMessage::Update(u) => self.applier.update(u).await?,
                 LogicalMessage::Delete(d) => self.applier.delete(&d).await?,
                 LogicalMessage::Truncate(t) => self.applier.truncate(&t).await?,
                 LogicalMessage::Type(_)

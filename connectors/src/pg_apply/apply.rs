@@ -21,7 +21,8 @@ use tokio_postgres::{Client, SimpleQueryMessage, SimpleQueryStream};
 use super::arrays::ColumnArrays;
 use super::net::{FastMap, FastSet};
 use super::net::{
-    NotFoldable, TableQueue, key_bytes, key_text, orders_as_integer, push_key_part, sort_by_key,
+    NetOp, NotFoldable, TableQueue, key_bytes, key_text, orders_as_integer, push_key_part,
+    sort_by_key,
 };
 use super::plan::TablePlan;
 use super::state::Progress;
@@ -372,6 +373,10 @@ impl Touched {
 
 /// Changed keys kept per table before it overflows.
 const MAX_TOUCHED_PER_TABLE: usize = 100_000;
+
+fn is_text(v: &ColumnValue) -> bool {
+    matches!(v, ColumnValue::Text(_))
+}
 
 /// Add a changed key to a table's (`None`: the table changed in a way keys cannot name).
 fn touch(t: &mut PendingKeys, key: Option<Vec<u8>>) {
@@ -1110,29 +1115,32 @@ impl Applier {
         })
     }
 
-    pub async fn insert(&mut self, ins: &Insert) -> Result<()> {
+    pub async fn insert(&mut self, mut ins: Insert) -> Result<()> {
         let Some((plan, idx)) = self.target_for(ins.oid)? else {
             return Ok(());
         };
         // (Queued changes note their keys when written out, once per key.)
         self.ensure_group();
         if self.foldable(&plan) {
-            let row = Self::image(&plan, &idx, &ins.new)?;
-            if let Ok((key, key_values)) = Self::key_of(&plan, &row)
-                && self
-                    .queue(ins.oid, &plan)
-                    .insert(key, key_values, row)
-                    .is_ok()
-            {
-                self.group_rows += 1;
-                return self.after_queue().await;
+            if let Some(key) = Self::key_of(&plan, &idx, &ins.new) {
+                let row = Self::take_image(&plan, &idx, &mut ins.new)?;
+                match self.queue(ins.oid, &plan).insert(key, row) {
+                    Ok(()) => {
+                        self.group_rows += 1;
+                        return self.after_queue().await;
+                    }
+                    Err(NotFoldable(row)) => Self::put_back(&mut ins.new, row),
+                }
             }
             self.flush_queue(ins.oid).await?;
         } else if self.appendable(&plan) {
-            let row = Self::image(&plan, &idx, &ins.new)?;
-            if self.queue(ins.oid, &plan).append(row).is_ok() {
-                self.group_rows += 1;
-                return self.after_queue().await;
+            let row = Self::take_image(&plan, &idx, &mut ins.new)?;
+            match self.queue(ins.oid, &plan).append(row) {
+                Ok(()) => {
+                    self.group_rows += 1;
+                    return self.after_queue().await;
+                }
+                Err(NotFoldable(row)) => Self::put_back(&mut ins.new, row),
             }
             self.flush_queue(ins.oid).await?;
         }
@@ -1209,29 +1217,30 @@ impl Applier {
         self.maybe_flush().await
     }
 
-    pub async fn update(&mut self, upd: &Update) -> Result<()> {
+    pub async fn update(&mut self, mut upd: Update) -> Result<()> {
         let Some((plan, idx)) = self.target_for(upd.oid)? else {
             return Ok(());
         };
         self.ensure_group();
         if self.foldable(&plan) {
-            let row = Self::image(&plan, &idx, &upd.new)?;
-            let new_key = Self::key_of(&plan, &row);
+            let new_key = Self::key_of(&plan, &idx, &upd.new);
             // Without an old row the key did not change.
             let same_key = match (&new_key, upd.old.as_ref()) {
-                (Err(_), _) => false,
-                (Ok(_), None) => true,
-                (Ok((nk, _)), Some(old)) => {
-                    Self::key_of(&plan, &Self::image(&plan, &idx, old.tuple())?)
-                        .is_ok_and(|(ok, _)| ok == *nk)
+                (None, _) => false,
+                (Some(_), None) => true,
+                (Some(nk), Some(old)) => {
+                    Self::key_of(&plan, &idx, old.tuple()).is_some_and(|ok| ok == *nk)
                 }
             };
             // A key change (or a key without a value) goes the ordered way.
-            if same_key && let Ok((nk, nkv)) = new_key {
-                let queue = self.queue(upd.oid, &plan);
-                if queue.update(nk, nkv, row).is_ok() {
-                    self.group_rows += 1;
-                    return self.after_queue().await;
+            if same_key && let Some(nk) = new_key {
+                let row = Self::take_image(&plan, &idx, &mut upd.new)?;
+                match self.queue(upd.oid, &plan).update(nk, row) {
+                    Ok(()) => {
+                        self.group_rows += 1;
+                        return self.after_queue().await;
+                    }
+                    Err(NotFoldable(row)) => Self::put_back(&mut upd.new, row),
                 }
             }
             self.flush_queue(upd.oid).await?;
@@ -1411,9 +1420,13 @@ impl Applier {
         };
         self.ensure_group();
         if self.foldable(&plan) {
-            if let Ok((key, key_values)) =
-                Self::key_of(&plan, &Self::image(&plan, &idx, del.old.tuple())?)
-            {
+            let old = del.old.tuple();
+            if let Some(key) = Self::key_of(&plan, &idx, old) {
+                let key_values = plan
+                    .key_indexes()
+                    .into_iter()
+                    .map(|j| Self::value(old, idx[j], plan.source_name()).cloned())
+                    .collect::<Result<_>>()?;
                 self.queue(del.oid, &plan).delete(key, key_values);
                 self.group_rows += 1;
                 return self.after_queue().await;
@@ -1597,20 +1610,36 @@ impl Applier {
             .collect()
     }
 
-    /// The key of a row image, as bytes and as values; `Err` when a key value is missing.
-    fn key_of(
+    /// [`Applier::image`], moved out of `tuple` when its columns are in plan order already
+    /// (the usual case): [`Applier::put_back`] returns them if the row is not taken.
+    fn take_image(
         plan: &TablePlan,
-        row: &[ColumnValue],
-    ) -> std::result::Result<(Vec<u8>, Vec<ColumnValue>), NotFoldable> {
-        let values: Vec<&ColumnValue> = plan
-            .columns
-            .iter()
-            .zip(row)
-            .filter(|(c, _)| c.key)
-            .map(|(_, v)| v)
-            .collect();
-        let key = key_bytes(&values).ok_or(NotFoldable)?;
-        Ok((key, values.into_iter().cloned().collect()))
+        idx: &[usize],
+        tuple: &mut TupleData,
+    ) -> Result<Vec<ColumnValue>> {
+        let n = plan.columns.len();
+        if tuple.columns.len() == n && idx.iter().take(n).copied().eq(0..n) {
+            return Ok(std::mem::take(&mut tuple.columns));
+        }
+        Self::image(plan, idx, tuple)
+    }
+
+    /// Undo [`Applier::take_image`]: the tuple gets its columns back if they were moved.
+    fn put_back(tuple: &mut TupleData, row: Vec<ColumnValue>) {
+        if tuple.columns.is_empty() {
+            tuple.columns = row;
+        }
+    }
+
+    /// The key bytes of a row (see [`key_bytes`]); `None` when a key value is missing.
+    fn key_of(plan: &TablePlan, idx: &[usize], tuple: &TupleData) -> Option<Vec<u8>> {
+        key_bytes(
+            plan.columns
+                .iter()
+                .zip(idx)
+                .filter(|(c, _)| c.key)
+                .map(|(_, &i)| tuple.columns.get(i).unwrap_or(&ColumnValue::Null)),
+        )
     }
 
     fn queue(&mut self, oid: u32, plan: &Arc<TablePlan>) -> &mut TableQueue {
@@ -1682,7 +1711,8 @@ impl Applier {
             .join(",");
         let mut deletes = Vec::new();
         let mut inserts = appended;
-        let mut updates: FastMap<Vec<bool>, Vec<Vec<ColumnValue>>> = FastMap::default();
+        // Updates by the columns they set (`None`: all of them, the usual case).
+        let mut updates: FastMap<Option<Vec<bool>>, Vec<Vec<ColumnValue>>> = FastMap::default();
         // With a second session, the group's keys are kept for the next group (see
         // `send_ahead`), and a table written out in the middle of the group keeps the
         // rest of its changes in order.
@@ -1703,11 +1733,16 @@ impl Applier {
             t.written_early |= mid_group;
             (t, &mut footprint.keys)
         });
-        for (key, (key_values, op)) in rows {
+        for (key, op) in rows {
             // The map's key is the changed key's text values, length-prefixed (when they
             // are all text): the form `touched` holds keys in.
-            let note =
-                !touched.overflow && key_values.iter().all(|v| matches!(v, ColumnValue::Text(_)));
+            let note = !touched.overflow
+                && match &op {
+                    NetOp::Delete(key_values) => key_values.iter().all(is_text),
+                    NetOp::Insert(row) | NetOp::Update(row) | NetOp::Replace(row) => {
+                        keys.iter().all(|&j| row.get(j).is_some_and(is_text))
+                    }
+                };
             if let Some((t, total)) = keys_seen.as_mut()
                 && !t.ordered
             {
@@ -1723,17 +1758,21 @@ impl Applier {
                 touch(touched, Some(key));
             }
             match op {
-                super::net::NetOp::Delete => deletes.push(key_values),
-                super::net::NetOp::Insert(row) => inserts.push(row),
-                super::net::NetOp::Replace(row) => {
-                    deletes.push(key_values);
+                NetOp::Delete(key_values) => deletes.push(key_values),
+                NetOp::Insert(row) => inserts.push(row),
+                NetOp::Replace(row) => {
+                    deletes.push(keys.iter().map(|&j| row[j].clone()).collect());
                     inserts.push(row);
                 }
-                super::net::NetOp::Update(row) => {
+                NetOp::Update(row) => {
                     let shape = row
                         .iter()
-                        .map(|v| !matches!(v, ColumnValue::UnchangedToast))
-                        .collect();
+                        .any(|v| matches!(v, ColumnValue::UnchangedToast))
+                        .then(|| {
+                            row.iter()
+                                .map(|v| !matches!(v, ColumnValue::UnchangedToast))
+                                .collect()
+                        });
                     updates.entry(shape).or_default().push(row);
                 }
             }
@@ -1815,7 +1854,10 @@ impl Applier {
             self.send_if_full().await?;
         }
         for (shape, rows) in updates {
-            let cols: Vec<usize> = (0..shape.len()).filter(|&j| shape[j]).collect();
+            let cols: Vec<usize> = match shape {
+                Some(shape) => (0..shape.len()).filter(|&j| shape[j]).collect(),
+                None => all.clone(),
+            };
             let set: Vec<String> = cols
                 .iter()
                 .filter(|&&j| !plan.columns[j].key)

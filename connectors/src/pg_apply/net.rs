@@ -32,22 +32,24 @@ pub enum NetOp {
     Insert(Vec<ColumnValue>),
     /// The row existed: set the columns that are not `UnchangedToast`.
     Update(Vec<ColumnValue>),
-    /// The row existed and is gone.
-    Delete,
+    /// The row existed and is gone: its key values.
+    Delete(Vec<ColumnValue>),
     /// The row may have existed: delete it, then insert this image.
     Replace(Vec<ColumnValue>),
 }
 
 /// A change that cannot be folded into the net changes (the caller flushes the queue and
-/// applies it in order instead).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NotFoldable;
+/// applies it in order instead): its row, given back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NotFoldable(pub Vec<ColumnValue>);
 
 /// The net changes of one table, keyed by the key values' text; or, for a table without
 /// a key or any unique index that only receives inserts, its inserted rows in order.
+///
+/// A row image holds its key values: only a delete keeps them apart.
 #[derive(Debug, Default)]
 pub struct TableQueue {
-    pub rows: FastMap<Vec<u8>, (Vec<ColumnValue>, NetOp)>,
+    pub rows: FastMap<Vec<u8>, NetOp>,
     /// Rows inserted into a table with no unique index at all: nothing on the target can
     /// conflict with them, so they wait for the end of the group like net changes (the
     /// caller flushes them before any other change of the table).
@@ -55,8 +57,9 @@ pub struct TableQueue {
     pub bytes: usize,
 }
 
-/// Key bytes: each key value length-prefixed, so `('a','bc')` and `('ab','c')` differ.
-pub fn key_bytes(key: &[&ColumnValue]) -> Option<Vec<u8>> {
+/// Key bytes: each key value length-prefixed, so `('a','bc')` and `('ab','c')` differ;
+/// `None` when a key value is NULL or missing.
+pub fn key_bytes<'a>(key: impl IntoIterator<Item = &'a ColumnValue>) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     for v in key {
         match v {
@@ -116,17 +119,41 @@ pub fn sort_by_key(rows: &mut [Vec<ColumnValue>], key: &[(usize, bool)]) {
     if key.is_empty() || rows.len() < 2 {
         return;
     }
-    rows.sort_by_cached_key(|row| {
-        key.iter()
-            .map(|&(j, integer)| match row.get(j) {
-                Some(ColumnValue::Text(b) | ColumnValue::Binary(b)) => integer
-                    .then(|| std::str::from_utf8(b).ok()?.parse::<i64>().ok())
-                    .flatten()
-                    .map_or_else(|| KeyPart::Text(b.clone()), KeyPart::Int),
-                _ => KeyPart::Null,
-            })
-            .collect::<Vec<_>>()
-    });
+    let part = |row: &[ColumnValue], (j, integer): (usize, bool)| match row.get(j) {
+        Some(ColumnValue::Text(b) | ColumnValue::Binary(b)) => integer
+            .then(|| parse_integer(b))
+            .flatten()
+            .map_or_else(|| KeyPart::Text(b.clone()), KeyPart::Int),
+        _ => KeyPart::Null,
+    };
+    // (One key column, the usual case: no vector per row.)
+    match key {
+        &[only] => rows.sort_by_cached_key(|row| part(row, only)),
+        _ => rows.sort_by_cached_key(|row| key.iter().map(|&k| part(row, k)).collect::<Vec<_>>()),
+    }
+}
+
+/// An integer's text (an optional sign, then ASCII digits) as a number; `None` for
+/// anything else, or out of range.
+fn parse_integer(text: &[u8]) -> Option<i64> {
+    let (negative, digits) = match text {
+        [b'-', rest @ ..] => (true, rest),
+        [b'+', rest @ ..] => (false, rest),
+        _ => (false, text),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut n: i64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        let d = i64::from(d - b'0');
+        // Accumulated negatively, so that i64::MIN parses too.
+        n = n.checked_mul(10)?.checked_sub(d)?;
+    }
+    if negative { Some(n) } else { n.checked_neg() }
 }
 
 fn size(values: &[ColumnValue]) -> usize {
@@ -163,7 +190,7 @@ impl TableQueue {
     /// A row inserted into a table without any unique index (every column has a value).
     pub fn append(&mut self, row: Vec<ColumnValue>) -> Result<(), NotFoldable> {
         if !complete(&row) {
-            return Err(NotFoldable);
+            return Err(NotFoldable(row));
         }
         self.account(size(&row));
         self.appended.push(row);
@@ -175,55 +202,41 @@ impl TableQueue {
     }
 
     /// An inserted row (every column has a value).
-    pub fn insert(
-        &mut self,
-        key: Vec<u8>,
-        key_values: Vec<ColumnValue>,
-        row: Vec<ColumnValue>,
-    ) -> Result<(), NotFoldable> {
+    pub fn insert(&mut self, key: Vec<u8>, row: Vec<ColumnValue>) -> Result<(), NotFoldable> {
         if !complete(&row) {
-            return Err(NotFoldable);
+            return Err(NotFoldable(row));
         }
         let added = size(&row) + key.len();
         match self.rows.entry(key) {
             Entry::Vacant(e) => {
-                e.insert((key_values, NetOp::Insert(row)));
+                e.insert(NetOp::Insert(row));
             }
             // Deleted earlier in this transaction (or the row was there before and deleted):
             // delete-then-insert covers both.
-            Entry::Occupied(mut e) if matches!(e.get().1, NetOp::Delete) => {
-                *e.get_mut() = (key_values, NetOp::Replace(row));
+            Entry::Occupied(mut e) if matches!(e.get(), NetOp::Delete(_)) => {
+                *e.get_mut() = NetOp::Replace(row);
             }
             // An insert of a key that exists cannot have succeeded on the source; keep the
             // order-preserving path for whatever this is.
-            Entry::Occupied(_) => return Err(NotFoldable),
+            Entry::Occupied(_) => return Err(NotFoldable(row)),
         }
         self.account(added);
         Ok(())
     }
 
     /// An update that keeps the key; `row` may hold unchanged-TOAST values.
-    pub fn update(
-        &mut self,
-        key: Vec<u8>,
-        key_values: Vec<ColumnValue>,
-        row: Vec<ColumnValue>,
-    ) -> Result<(), NotFoldable> {
+    pub fn update(&mut self, key: Vec<u8>, row: Vec<ColumnValue>) -> Result<(), NotFoldable> {
         let added = size(&row) + key.len();
         match self.rows.entry(key) {
             Entry::Vacant(e) => {
-                e.insert((key_values, NetOp::Update(row)));
+                e.insert(NetOp::Update(row));
             }
-            Entry::Occupied(mut e) => {
-                let (values, op) = e.get_mut();
-                match op {
-                    NetOp::Insert(old) | NetOp::Update(old) | NetOp::Replace(old) => {
-                        merge(old, row);
-                    }
-                    NetOp::Delete => return Err(NotFoldable),
+            Entry::Occupied(mut e) => match e.get_mut() {
+                NetOp::Insert(old) | NetOp::Update(old) | NetOp::Replace(old) => {
+                    merge(old, row);
                 }
-                *values = key_values;
-            }
+                NetOp::Delete(_) => return Err(NotFoldable(row)),
+            },
         }
         self.account(added);
         Ok(())
@@ -234,12 +247,12 @@ impl TableQueue {
         self.account(key.len() + 64);
         match self.rows.entry(key) {
             // Inserted within this transaction: as if it never was.
-            Entry::Occupied(e) if matches!(e.get().1, NetOp::Insert(_)) => {
+            Entry::Occupied(e) if matches!(e.get(), NetOp::Insert(_)) => {
                 e.remove();
             }
-            Entry::Occupied(mut e) => *e.get_mut() = (key_values, NetOp::Delete),
+            Entry::Occupied(mut e) => *e.get_mut() = NetOp::Delete(key_values),
             Entry::Vacant(e) => {
-                e.insert((key_values, NetOp::Delete));
+                e.insert(NetOp::Delete(key_values));
             }
         }
     }
@@ -254,17 +267,17 @@ mod tests {
     }
 
     fn key(s: &str) -> (Vec<u8>, Vec<ColumnValue>) {
-        (key_bytes(&[&t(s)]).unwrap(), vec![t(s)])
+        (key_bytes([&t(s)]).unwrap(), vec![t(s)])
     }
 
     fn op(q: &TableQueue, k: &str) -> Option<NetOp> {
-        q.rows.get(&key(k).0).map(|(_, op)| op.clone())
+        q.rows.get(&key(k).0).cloned()
     }
 
     #[test]
     fn key_bytes_give_their_text_back() {
         let (a, b, c) = (t("a"), t("b'c"), t(""));
-        let bytes = key_bytes(&[&a, &b, &c]).unwrap();
+        let bytes = key_bytes([&a, &b, &c]).unwrap();
         assert_eq!(key_text(&bytes), ["a", "b'c", ""]);
         assert_eq!(key_text(&[]), Vec::<String>::new());
         // Cut short: the values that are whole, never a panic.
@@ -311,26 +324,34 @@ mod tests {
     }
 
     #[test]
+    fn integers_parse_from_their_text() {
+        let p = |s: &str| parse_integer(s.as_bytes());
+        assert_eq!(p("0"), Some(0));
+        assert_eq!(p("-42"), Some(-42));
+        assert_eq!(p("+7"), Some(7));
+        assert_eq!(p("-9223372036854775808"), Some(i64::MIN));
+        assert_eq!(p("9223372036854775807"), Some(i64::MAX));
+        for bad in ["9223372036854775808", "", "-", "1.5", "12a", " 1", "٣"] {
+            assert_eq!(p(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
     fn key_bytes_separate_columns() {
         assert_ne!(
-            key_bytes(&[&t("a"), &t("bc")]),
-            key_bytes(&[&t("ab"), &t("c")])
+            key_bytes([&t("a"), &t("bc")]),
+            key_bytes([&t("ab"), &t("c")])
         );
-        assert_eq!(key_bytes(&[&ColumnValue::Null]), None);
+        assert_eq!(key_bytes([&ColumnValue::Null]), None);
     }
 
     #[test]
     fn insert_update_delete_fold() {
         let mut q = TableQueue::default();
         let (k, kv) = key("1");
-        q.insert(k.clone(), kv.clone(), vec![t("1"), t("a"), t("x")])
+        q.insert(k.clone(), vec![t("1"), t("a"), t("x")]).unwrap();
+        q.update(k.clone(), vec![t("1"), t("b"), ColumnValue::UnchangedToast])
             .unwrap();
-        q.update(
-            k.clone(),
-            kv.clone(),
-            vec![t("1"), t("b"), ColumnValue::UnchangedToast],
-        )
-        .unwrap();
         assert_eq!(
             op(&q, "1"),
             Some(NetOp::Insert(vec![t("1"), t("b"), t("x")]))
@@ -338,36 +359,23 @@ mod tests {
         q.delete(k.clone(), kv.clone());
         assert_eq!(op(&q, "1"), None, "insert then delete is nothing");
 
-        q.update(
-            k.clone(),
-            kv.clone(),
-            vec![t("1"), t("c"), ColumnValue::UnchangedToast],
-        )
-        .unwrap();
-        q.update(
-            k.clone(),
-            kv.clone(),
-            vec![t("1"), ColumnValue::UnchangedToast, t("y")],
-        )
-        .unwrap();
+        q.update(k.clone(), vec![t("1"), t("c"), ColumnValue::UnchangedToast])
+            .unwrap();
+        q.update(k.clone(), vec![t("1"), ColumnValue::UnchangedToast, t("y")])
+            .unwrap();
         assert_eq!(
             op(&q, "1"),
             Some(NetOp::Update(vec![t("1"), t("c"), t("y")]))
         );
         q.delete(k.clone(), kv.clone());
-        assert_eq!(op(&q, "1"), Some(NetOp::Delete));
-        q.insert(k.clone(), kv.clone(), vec![t("1"), t("d"), t("z")])
-            .unwrap();
+        assert_eq!(op(&q, "1"), Some(NetOp::Delete(vec![t("1")])));
+        q.insert(k.clone(), vec![t("1"), t("d"), t("z")]).unwrap();
         assert_eq!(
             op(&q, "1"),
             Some(NetOp::Replace(vec![t("1"), t("d"), t("z")]))
         );
-        q.update(
-            k.clone(),
-            kv,
-            vec![t("1"), t("e"), ColumnValue::UnchangedToast],
-        )
-        .unwrap();
+        q.update(k.clone(), vec![t("1"), t("e"), ColumnValue::UnchangedToast])
+            .unwrap();
         assert_eq!(
             op(&q, "1"),
             Some(NetOp::Replace(vec![t("1"), t("e"), t("z")]))
@@ -379,22 +387,20 @@ mod tests {
         let mut q = TableQueue::default();
         let (k, kv) = key("1");
         assert_eq!(
-            q.insert(
-                k.clone(),
-                kv.clone(),
-                vec![t("1"), ColumnValue::UnchangedToast]
-            ),
-            Err(NotFoldable)
+            q.insert(k.clone(), vec![t("1"), ColumnValue::UnchangedToast]),
+            Err(NotFoldable(vec![t("1"), ColumnValue::UnchangedToast]))
         );
         q.delete(k.clone(), kv.clone());
         assert_eq!(
-            q.update(k.clone(), kv.clone(), vec![t("1"), t("a")]),
-            Err(NotFoldable)
+            q.update(k.clone(), vec![t("1"), t("a")]),
+            Err(NotFoldable(vec![t("1"), t("a")]))
         );
-        assert_eq!(op(&q, "1"), Some(NetOp::Delete));
-        q.insert(k.clone(), kv.clone(), vec![t("1"), t("a")])
-            .unwrap();
-        assert_eq!(q.insert(k, kv, vec![t("1"), t("b")]), Err(NotFoldable));
+        assert_eq!(op(&q, "1"), Some(NetOp::Delete(vec![t("1")])));
+        q.insert(k.clone(), vec![t("1"), t("a")]).unwrap();
+        assert_eq!(
+            q.insert(k, vec![t("1"), t("b")]),
+            Err(NotFoldable(vec![t("1"), t("b")]))
+        );
         assert_eq!(op(&q, "1"), Some(NetOp::Replace(vec![t("1"), t("a")])));
     }
 }
