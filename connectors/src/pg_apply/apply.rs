@@ -1124,23 +1124,17 @@ impl Applier {
         if self.foldable(&plan) {
             if let Some(key) = Self::key_of(&plan, &idx, &ins.new) {
                 let row = Self::take_image(&plan, &idx, &mut ins.new)?;
-                match self.queue(ins.oid, &plan).insert(key, row) {
-                    Ok(()) => {
-                        self.group_rows += 1;
-                        return self.after_queue().await;
-                    }
-                    Err(NotFoldable(row)) => Self::put_back(&mut ins.new, row),
+                let offered = self.queue(ins.oid, &plan).insert(key, row);
+                if self.queued(offered, &mut ins.new).await? {
+                    return Ok(());
                 }
             }
             self.flush_queue(ins.oid).await?;
         } else if self.appendable(&plan) {
             let row = Self::take_image(&plan, &idx, &mut ins.new)?;
-            match self.queue(ins.oid, &plan).append(row) {
-                Ok(()) => {
-                    self.group_rows += 1;
-                    return self.after_queue().await;
-                }
-                Err(NotFoldable(row)) => Self::put_back(&mut ins.new, row),
+            let offered = self.queue(ins.oid, &plan).append(row);
+            if self.queued(offered, &mut ins.new).await? {
+                return Ok(());
             }
             self.flush_queue(ins.oid).await?;
         }
@@ -1235,12 +1229,9 @@ impl Applier {
             // A key change (or a key without a value) goes the ordered way.
             if same_key && let Some(nk) = new_key {
                 let row = Self::take_image(&plan, &idx, &mut upd.new)?;
-                match self.queue(upd.oid, &plan).update(nk, row) {
-                    Ok(()) => {
-                        self.group_rows += 1;
-                        return self.after_queue().await;
-                    }
-                    Err(NotFoldable(row)) => Self::put_back(&mut upd.new, row),
+                let offered = self.queue(upd.oid, &plan).update(nk, row);
+                if self.queued(offered, &mut upd.new).await? {
+                    return Ok(());
                 }
             }
             self.flush_queue(upd.oid).await?;
@@ -1611,7 +1602,7 @@ impl Applier {
     }
 
     /// [`Applier::image`], moved out of `tuple` when its columns are in plan order already
-    /// (the usual case): [`Applier::put_back`] returns them if the row is not taken.
+    /// (the usual case): [`Applier::queued`] returns them if the row is not taken.
     fn take_image(
         plan: &TablePlan,
         idx: &[usize],
@@ -1624,10 +1615,27 @@ impl Applier {
         Self::image(plan, idx, tuple)
     }
 
-    /// Undo [`Applier::take_image`]: the tuple gets its columns back if they were moved.
-    fn put_back(tuple: &mut TupleData, row: Vec<ColumnValue>) {
-        if tuple.columns.is_empty() {
-            tuple.columns = row;
+    /// After a row was offered to its table's queue: `true` when the queue took it (it
+    /// counts, and the queues are written out if they grew too large); else the row goes
+    /// back to `tuple` ([`Applier::take_image`] may have moved it out), for the ordered
+    /// path.
+    async fn queued(
+        &mut self,
+        offered: std::result::Result<(), NotFoldable>,
+        tuple: &mut TupleData,
+    ) -> Result<bool> {
+        match offered {
+            Ok(()) => {
+                self.group_rows += 1;
+                self.after_queue().await?;
+                Ok(true)
+            }
+            Err(NotFoldable(row)) => {
+                if tuple.columns.is_empty() {
+                    tuple.columns = row;
+                }
+                Ok(false)
+            }
         }
     }
 
