@@ -628,13 +628,7 @@ async fn a_lost_slot_is_refused_not_recreated() {
         );
     }
     assert_eq!(slot_check(&job), ("fail".to_string(), false));
-    let out = std::process::Command::new(bin())
-        .arg("run")
-        .arg(&job.path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&["run", &path_str(&job.path)]);
     assert!(
         err.contains("replication slot \"cutover_lost\" is lost") && err.contains("hint:"),
         "{err}"

@@ -391,9 +391,7 @@ async fn renamed_target_table_and_idle_slot_follows_the_wal() {
             .output()
             .unwrap()
     };
-    let refused = teardown();
-    assert_eq!(refused.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&refused.stderr);
+    let err = refused(&["teardown", &path_str(&job.path)]);
     assert!(
         err.contains("is in use by PID") && err.lines().count() == 1,
         "{err}"
@@ -512,13 +510,7 @@ async fn hostile_names_are_names_and_a_failed_preflight_creates_nothing() {
     .await
     .unwrap();
     let job = Job::write("names", &src.url("db"), &dst.url("db"), "");
-    let out = std::process::Command::new(bin())
-        .arg("run")
-        .arg(&job.path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&["run", &path_str(&job.path)]);
     assert!(
         err.contains("target table public.only_on_source does not exist"),
         "{err}"
@@ -531,13 +523,7 @@ async fn hostile_names_are_names_and_a_failed_preflight_creates_nothing() {
     // Source and target the same database, tables mapped by name: refused before
     // anything is created.
     let onto_itself = Job::write("itself", &src.url("db"), &src.url("db"), "");
-    let out = std::process::Command::new(bin())
-        .arg("run")
-        .arg(&onto_itself.path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = refused(&["run", &path_str(&onto_itself.path)]);
     assert!(
         err.contains("would be copied onto itself") && err.contains("hint: set [target] schema"),
         "{err}"
@@ -621,13 +607,8 @@ async fn check_fails_on_source_settings_and_foreign_slots() {
         "{slot}"
     );
     // And run refuses the foreign slot too, changing nothing.
-    let run = std::process::Command::new(bin())
-        .arg("run")
-        .arg(&job.path)
-        .output()
-        .unwrap();
-    assert_eq!(run.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&run.stderr).contains("does not use pgoutput"));
+    let err = refused(&["run", &path_str(&job.path)]);
+    assert!(err.contains("does not use pgoutput"), "{err}");
     let s = src.connect("db").await.unwrap();
     let publications: i64 = s
         .query_one("SELECT count(*) FROM pg_publication", &[])
@@ -931,12 +912,7 @@ async fn create_tables_builds_the_target_from_the_source() {
         .get(0);
     assert_eq!(before, 0);
     // verify only reads: it reports the missing table instead of creating it.
-    let verify = std::process::Command::new(bin())
-        .arg("verify")
-        .arg(&job.path)
-        .output()
-        .unwrap();
-    assert_eq!(verify.status.code(), Some(2));
+    refused(&["verify", &path_str(&job.path)]);
     let after: i64 = d
         .query_one(
             "SELECT count(*) FROM pg_namespace WHERE nspname = 'shop'",

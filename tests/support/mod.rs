@@ -48,6 +48,17 @@ pub fn run_json(args: &[&str]) -> (Option<i32>, serde_json::Value) {
     (out.status.code(), doc)
 }
 
+/// Run `cutover ARGS`, which must refuse (exit 2): its error output.
+pub fn refused(args: &[&str]) -> String {
+    let out = Command::new(bin())
+        .args(args)
+        .output()
+        .expect("run cutover");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "cutover {args:?}: {err}");
+    err
+}
+
 /// A free TCP port on loopback for the daemon's API.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
